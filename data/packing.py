@@ -97,7 +97,11 @@ class TokenizeDocument(grain.transforms.Map):
 
 
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
-    """Cuts document pairs into consecutive chunks of at most `seq_len` pairs."""
+    """Cuts document pairs into consecutive chunks of at most `seq_len` pairs.
+
+    Every field ([n] each, e.g. "inputs", "targets", "loss_mask") is cut at the same places. Chunk-level
+    FIM splits at `seq_len - 3`, leaving room in the row for the 3 sentinels it adds.
+    """
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
@@ -108,35 +112,43 @@ class SplitLongDocuments(grain.experimental.FlatMapTransform):
         if length <= self.seq_len:
             return [dict(pairs)]
         return [
-            {field: pairs[field][start : start + self.seq_len] for field in PAIR_FIELDS}
+            {field: values[start : start + self.seq_len] for field, values in pairs.items()}
             for start in range(0, length, self.seq_len)
         ]
 
 
-def _training_row(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # All packed fields share one segmentation; keep the copy made for "inputs".
-    return {
-        "inputs": packed["inputs"],
-        "targets": packed["targets"],
-        "loss_mask": packed["loss_mask"],
-        "segment_ids": packed["inputs_segment_ids"],
-        "positions": packed["inputs_positions"],
-    }
+class _TrainingRow(grain.transforms.Map):
+    """grain's packed output -> {field: [seq_len]} with `BATCH_FIELDS` (+ extra packed fields)."""
+
+    def __init__(self, fields: Sequence[str]):
+        self._fields = tuple(fields)
+
+    def map(self, packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # All packed fields share one segmentation; keep the copy made for "inputs".
+        row = {field: packed[field] for field in self._fields}
+        row["segment_ids"] = packed["inputs_segment_ids"]
+        row["positions"] = packed["inputs_positions"]
+        return row
 
 
-def pack_rows(chunks: grain.IterDataset, seq_len: int, num_bins: int, pad_id: int) -> grain.IterDataset:
+def pack_rows(
+    chunks: grain.IterDataset, seq_len: int, num_bins: int, pad_id: int, fields: Sequence[str] = PAIR_FIELDS
+) -> grain.IterDataset:
     """First-fit packs chunks of at most `seq_len` pairs into rows of `seq_len`.
 
-    Returns an IterDataset of rows {field: [seq_len]} with `BATCH_FIELDS`.
+    Args:
+      chunks: {field: [p]} for each of `fields` (`PAIR_FIELDS` and optionally more, padded with 0).
+
+    Returns an IterDataset of rows {field: [seq_len]} with `BATCH_FIELDS` and `fields`.
     """
     packed = grain.experimental.FirstFitPackIterDataset(
         chunks,
-        length_struct={field: seq_len for field in PAIR_FIELDS},
+        length_struct={field: seq_len for field in fields},
         num_packing_bins=num_bins,
         shuffle_bins=False,
-        padding_struct={"inputs": pad_id, "targets": pad_id, "loss_mask": 0.0},
+        padding_struct={field: pad_id if field in ("inputs", "targets") else 0 for field in fields},
     )
-    return packed.map(_training_row)
+    return packed.map(_TrainingRow(fields))
 
 
 class PadBatch(grain.transforms.Map):

@@ -3,8 +3,12 @@
 Per process (host), as grain datasets:
 
     each source: records[process_index::process_count] -> shuffle -> repeat
-    -> weighted mix of sources -> user transforms (e.g. FIM) -> tokenize
-    -> split long documents -> first-fit pack into rows -> batch -> pad last batch
+    -> weighted mix of sources -> user transforms -> [FIM, level "document"] -> tokenize
+    -> split long documents -> [FIM, level "chunk"] -> shuffle chunks in windows
+    -> first-fit pack into rows -> [FIM, level "context"] -> batch -> pad last batch
+
+Fill-in-the-middle is configured by `data.fim` (`data.code.config.default_fim_config`; levels in
+`data.code.fim`) and applied when its fim_rate > 0 unless `build_iterator(..., fim=False)`.
 
 Every process reads only its slice of every source, so P processes together
 read each record exactly once per epoch. Shuffling is a seeded permutation
@@ -33,11 +37,14 @@ from absl import flags as absl_flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data import corpus
-from data.packing import BATCH_FIELDS, PadBatch, SplitLongDocuments, TokenizeDocument, pack_rows
+from data.code import config as fim_config_lib
+from data.code import fim as fim_lib
+from data.packing import BATCH_FIELDS, PAIR_FIELDS, PadBatch, SplitLongDocuments, TokenizeDocument, pack_rows
 from data.sources import SOURCE_KINDS, open_source
 from data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
+FIM_SEED_SALT = 0x46494D  # "FIM": derives the seed of the FIM stage from the shuffle seed
 Batch = dict[str, np.ndarray]
 
 
@@ -141,6 +148,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = "data") -
             raise ValueError(f"{where}.splits must map split names to non-empty strings, got {splits!r}")
         if kind == "tfds" and not source.get("tfds_name"):
             raise ValueError(f"{where}.tfds_name is required for a tfds source")
+    fim = getattr(cfg, "fim", None)
+    if fim is not None:
+        fim_config_lib.validate_fim_config(fim, f"{prefix}.fim")
 
 
 def _is_mapping(value: Any) -> bool:
@@ -159,7 +169,7 @@ class DataIterator:
     "loss_mask" float32 (segment id 0 and loss_mask 0 mark padding).
 
     State: {"version", "config" (what the stream depends on: seed, split,
-    sizes, sources, process layout), "batches" (emitted so far), "epoch"
+    sizes, sources, process layout, transforms, every FIM field), "batches" (emitted so far), "epoch"
     (informational: completed passes over this process's data), "position"
     (grain's iterator state)}. `set_state` refuses a state whose config differs,
     naming the field.
@@ -228,6 +238,8 @@ def build_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     transforms: Sequence[Any] = (),
+    fim: bool = True,
+    mark_fim_infill: bool = False,
 ) -> DataIterator:
     """Builds this process's batch iterator.
 
@@ -245,6 +257,12 @@ def build_iterator(
         records ({"text", path, repo, lang}) before tokenization. A record they
         return with "tokens" (ids, no BOS/EOS) is not re-tokenized; the
         pipeline always adds BOS/EOS. An optional per-token "loss_mask" is kept.
+        FIM is not one of them: it comes from `data_cfg.fim`.
+      fim: apply `data_cfg.fim` (when present with fim_rate > 0) at its level; False gives plain
+        left-to-right rows (e.g. for a held-out loss comparable across runs).
+      mark_fim_infill: diagnostic; batches get one more field, `fim.FIM_INFILL_FIELD` (float32
+        [local_batch, seq_len], 1 at infill targets, see `fim.fim_prefix_rate`); the other
+        fields are exactly those of the unmarked stream.
 
     Returns:
       A `DataIterator`.
@@ -262,6 +280,9 @@ def build_iterator(
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
     local_batch = cfg.batch_size // process_count
+    fim_settings = _fim_settings(data_cfg, cfg.seq_len, transforms) if fim else None
+    level = fim_settings.level if fim_settings is not None else None
+    fim_seed = _derived_seed(cfg.shuffle_seed, FIM_SEED_SALT)
 
     names = sorted(cfg.sources)
     per_source, per_source_one_epoch = [], []
@@ -292,17 +313,37 @@ def build_iterator(
     documents = documents.seed(cfg.shuffle_seed)  # seeds random user transforms
     if transforms:
         documents = documents.apply(list(transforms))
-    tokenized = documents.map(TokenizeDocument(tokenizer)).to_iter_dataset(
+    if level == "document":
+        fim_transform = fim_lib.FIMTransform(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate)
+        documents = documents.random_map(fim_transform, seed=fim_seed)
+    documents = documents.map(TokenizeDocument(tokenizer))
+    if mark_fim_infill and level in (None, "document"):
+        documents = documents.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))  # before splitting a document
+    tokenized = documents.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
     )
-    chunks = tokenized.apply([SplitLongDocuments(cfg.seq_len)])
+    # Chunk-level FIM adds 3 sentinels to a chunk: cut chunks 3 pairs short of a row.
+    chunk_len = cfg.seq_len - fim_lib.SENTINELS_PER_EXAMPLE if level == "chunk" else cfg.seq_len
+    chunks = tokenized.apply([SplitLongDocuments(chunk_len)])
+    if level == "chunk":
+        chunks = chunks.random_map(
+            fim_lib.FIMChunks(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate), seed=fim_seed
+        )
+        if mark_fim_infill:
+            chunks = chunks.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))
     if cfg.chunk_shuffle_window > 1:
         # A long file splits into many consecutive chunks; without mixing, one batch can hold
         # little besides one file. Shuffling within windows of chunks keeps batches diverse.
         chunks = grain.experimental.WindowShuffleIterDataset(
             chunks, window_size=cfg.chunk_shuffle_window, seed=_derived_seed(cfg.shuffle_seed, len(names))
         )
-    rows = pack_rows(chunks, cfg.seq_len, cfg.packing_bins, tokenizer.pad_id)
+    packed_fields = PAIR_FIELDS + ((fim_lib.FIM_INFILL_FIELD,) if mark_fim_infill and level != "context" else ())
+    rows = pack_rows(chunks, cfg.seq_len, cfg.packing_bins, tokenizer.pad_id, packed_fields)
+    if level == "context":
+        context_fim = fim_lib.ContextFIMRows(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate, tokenizer.pad_id)
+        rows = rows.random_map(context_fim, seed=fim_seed)
+        if mark_fim_infill:
+            rows = rows.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))
     batches = rows.batch(local_batch, drop_remainder=False).map(PadBatch(local_batch, tokenizer.pad_id))
     if cfg.num_workers:
         if not absl_flags.FLAGS.is_parsed():
@@ -328,8 +369,35 @@ def build_iterator(
             name: [cfg.sources[name].kind, cfg.sources[name].splits[split], cfg.sources[name].weight]
             for name in names
         },
+        # Every transform shapes the stream: user transforms by class, FIM by every setting.
+        "transforms": [f"{type(t).__module__}.{type(t).__qualname__}" for t in transforms],
+        **(fim_settings.stream_config() if fim_settings is not None else {"fim.fim_rate": 0.0}),
     }
+    if mark_fim_infill:
+        stream_config["fim.mark_infill"] = True
     return DataIterator(batches, stream_config, max(1, documents_per_epoch))
+
+
+def _fim_settings(data_cfg: Any, seq_len: int, transforms: Sequence[Any]) -> fim_lib.FIMSettings | None:
+    """The FIM the pipeline applies: `data_cfg.fim` (read by attribute, validated), None when absent or off.
+
+    Raises ConfigError naming the field ("data.fim.level: ...") for invalid settings, and
+    ValueError when `transforms` already holds a FIM transform (FIM would be applied twice).
+    """
+    fim_cfg = getattr(data_cfg, "fim", None)
+    if fim_cfg is None:
+        return None
+    settings = fim_lib.FIMSettings.from_config(fim_cfg, "data.fim")
+    if settings.fim_rate == 0:
+        return None
+    if any(isinstance(t, fim_lib.FIMTransform) for t in transforms):
+        raise ValueError("transforms hold a FIMTransform while data.fim.fim_rate > 0: FIM comes from data.fim alone")
+    if settings.level == "chunk" and seq_len <= fim_lib.SENTINELS_PER_EXAMPLE:
+        raise fim_config_lib.ConfigError(
+            f"data.fim.level: 'chunk' needs data.seq_len > {fim_lib.SENTINELS_PER_EXAMPLE} (room for the sentinels), "
+            f"got seq_len={seq_len}"
+        )
+    return settings
 
 
 def _mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain.MapDataset:

@@ -1,5 +1,5 @@
 """Configuration of code curation: `default_prepare_config()` for `python -m data.prepare` and
-`default_fim_config()` for the FIM transform, each with a validator whose errors name the field.
+`default_fim_config()` for the pipeline's FIM stage (`data.fim`), each with a validator whose errors name the field.
 
 List-valued fields are comma-separated strings, so that every field can be overridden from the
 command line as `--config.<section>.<field>=value`.
@@ -79,11 +79,15 @@ def default_prepare_config() -> ml_collections.ConfigDict:
     return config
 
 
+FIM_LEVELS: tuple[str, ...] = ("chunk", "context", "document")
+
+
 def default_fim_config() -> ml_collections.ConfigDict:
+    """The `data.fim` section read by `data.pipeline.build_iterator` (levels: `data.code.fim`)."""
     config = ml_collections.ConfigDict()
-    config.fim_rate = 0.5  # fraction of documents (or packed documents) permuted
+    config.fim_rate = 0.5  # fraction of FIM units (chunks, row segments or documents) permuted; 0 disables FIM
     config.spm_rate = 0.5  # fraction of permuted ones in SPM rather than PSM layout
-    config.level = "document"  # or "context": per packed context, on token arrays
+    config.level = "chunk"  # "chunk": each row-sized chunk; "context": each packed row's segments; "document"
     return config
 
 
@@ -164,9 +168,19 @@ def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
     _check(config, "output.prefix", lambda v: isinstance(v, str) and v and "/" not in v, "a non-empty file name prefix")
 
 
-def validate_fim_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first invalid field."""
+def validate_fim_config(config: object, prefix: str = "data.fim") -> None:
+    """Raises ConfigError "<prefix>.<field>: ..." for the first missing or invalid field.
+
+    Fields are read by attribute, so a ConfigDict and a typed (e.g. frozen dataclass) section both work.
+    """
     fraction = lambda v: _is_number(v) and 0.0 <= v <= 1.0
-    _check(config, "fim_rate", fraction, "a number in [0, 1]")
-    _check(config, "spm_rate", fraction, "a number in [0, 1]")
-    _check(config, "level", lambda v: v in ("document", "context"), "'document' or 'context'")
+    for field, valid, requirement in (
+        ("fim_rate", fraction, "a number in [0, 1]"),
+        ("spm_rate", fraction, "a number in [0, 1]"),
+        ("level", lambda v: v in FIM_LEVELS, f"one of {', '.join(map(repr, FIM_LEVELS))}"),
+    ):
+        if not hasattr(config, field):
+            raise ConfigError(f"{prefix}.{field}: missing")
+        value = getattr(config, field)
+        if not valid(value):
+            raise ConfigError(f"{prefix}.{field}: must be {requirement}, got {value!r}")
