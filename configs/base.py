@@ -3,36 +3,62 @@
     python -m train.pretrain --config=configs/base.py --config.model.preset=llama-100m \
         --config.train.steps=10000 --config.mesh.ici.fsdp=-1
 
-Sections: model (a preset plus field overrides, see models/config.py), data (data/pipeline.py),
-mesh (ICI/DCN shapes and the logical-axis rule set), optim, train, checkpoint.
+Pure data: each section is validated once at load into the typed schema that owns it (model:
+models/config.py, data: data/config.py, mesh: models/sharding.py, sampler: models/sampler.py,
+optim: train/optimizer.py, train and checkpoint: train/config.py); errors name the field path.
 """
-
-import dataclasses
 
 from ml_collections import ConfigDict, config_dict
 
-from data.code.config import default_fim_config
-from data.pipeline import default_data_config
-from models.config import MoEConfig, ModelConfig, RopeScaling
+_EMBEDDED_CORPUS = "artifacts/corpus"
+
+# Model fields that override the preset when set (None keeps the preset's value); the schema test
+# keeps this list equal to ModelConfig's fields.
+MODEL_FIELDS = {
+    "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "head_dim": int,
+    "d_ff": int, "norm": str, "norm_eps": float, "mlp": str, "mlp_bias": bool, "qkv_bias": bool, "out_bias": bool,
+    "qk_norm": bool, "rope_theta": float, "sliding_window": int, "tie_embeddings": bool, "logit_softcap": float,
+    "max_seq_len": int, "init_std": float, "dtype": str, "param_dtype": str, "scan_layers": bool, "remat": str,
+    "attention_impl": str,
+}
+ROPE_SCALING_FIELDS = {
+    "kind": str, "factor": float, "original_max_position": int, "low_freq_factor": float,
+    "high_freq_factor": float, "beta_fast": float, "beta_slow": float,
+}
+MOE_FIELDS = {
+    "num_experts": int, "experts_per_token": int, "expert_d_ff": int, "num_shared_experts": int,
+    "first_dense_layers": int, "router": str, "normalize_top_k": bool, "routed_scaling": float, "impl": str,
+    "grouped_matmul": str, "capacity_factor": float, "aux_loss_coef": float, "router_z_loss_coef": float,
+    "bias_update_rate": float,
+}
 
 
-def _unset_fields(cls: type) -> dict:
-    """Every field of a config dataclass as an unset placeholder of its type."""
-    fields = {}
-    for field in dataclasses.fields(cls):
-        if field.name == "name":
-            continue
-        nested = {"rope_scaling": RopeScaling, "moe": MoEConfig}.get(field.name)
-        fields[field.name] = (
-            ConfigDict(_unset_fields(nested)) if nested else config_dict.placeholder(type(field.default))
-        )
-    return fields
+def _placeholders(fields: dict) -> ConfigDict:
+    return ConfigDict({name: config_dict.placeholder(kind) for name, kind in fields.items()})
 
 
 def model_section(preset: str) -> ConfigDict:
-    """`preset` plus every ModelConfig field, unset: `--config.model.d_model=1024` or
+    """`preset` plus every model field unset: `--config.model.d_model=1024` or
     `--config.model.moe.bias_update_rate=1e-3` override the preset's value, unset fields keep it."""
-    return ConfigDict({"preset": preset, **_unset_fields(ModelConfig)})
+    section = _placeholders(MODEL_FIELDS)
+    section.preset = preset
+    section.rope_scaling = _placeholders(ROPE_SCALING_FIELDS)
+    section.moe = _placeholders(MOE_FIELDS)
+    return section
+
+
+def source(kind: str, splits: dict, *, weight: float = 1.0, text_field: str = "text", tfds_name: str = "",
+           tfds_data_dir: str = "") -> ConfigDict:
+    """One data source: kind jsonl | arrayrecord | tfds; splits maps split name -> files/globs (or a
+    TFDS split expression); weight is its share of the mixture."""
+    return ConfigDict({"kind": kind, "splits": dict(splits), "weight": float(weight), "text_field": text_field,
+                       "tfds_name": tfds_name, "tfds_data_dir": tfds_data_dir})
+
+
+def embedded_corpus_source() -> ConfigDict:
+    """The embedded stdlib corpus (`data/corpus.py` builds it on first use)."""
+    return source("arrayrecord", {split: f"{_EMBEDDED_CORPUS}/arrayrecord/{split}-*.array_record"
+                                  for split in ("train", "validation")})
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -40,13 +66,25 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg = ConfigDict()
     cfg.model = model_section("llama-100m")
 
-    cfg.data = default_data_config()
+    cfg.data = ConfigDict()
+    cfg.data.sources = ConfigDict({"stdlib": embedded_corpus_source()})
+    cfg.data.tokenizer_path = f"{_EMBEDDED_CORPUS}/tokenizer.model"
     cfg.data.seq_len = 2048
-    cfg.data.batch_size = 256
+    cfg.data.batch_size = 256  # global, over all processes
+    cfg.data.shuffle = True
+    cfg.data.shuffle_seed = 0
+    cfg.data.num_epochs = config_dict.placeholder(int)  # None: repeat forever
+    cfg.data.num_workers = 0  # grain worker processes; 0 keeps everything in this process
+    cfg.data.read_threads = 2  # threads reading + tokenizing documents (per process or worker)
+    cfg.data.prefetch_buffer_size = 64  # documents read ahead by those threads
+    cfg.data.packing_bins = 32  # rows filled at once by first-fit packing (more: less padding)
     # Code files are often longer than a row: mix the chunks of ~1k rows so no batch is one file.
     cfg.data.chunk_shuffle_window = 1024
-    # Fill-in-the-middle (Bavarian et al. 2022) per document, PSM and SPM mixed: data/code/fim.py.
-    cfg.data.fim = default_fim_config()
+    # Fill-in-the-middle (Bavarian et al. 2022), PSM and SPM mixed: data/code/fim.py.
+    cfg.data.fim = ConfigDict()
+    cfg.data.fim.fim_rate = 0.5  # fraction of row chunks (or packed documents) permuted
+    cfg.data.fim.spm_rate = 0.5  # fraction of permuted ones in SPM rather than PSM layout
+    cfg.data.fim.level = "chunk"  # chunk: per row-sized piece | context: per packed row | document
 
     cfg.mesh = ConfigDict()
     cfg.mesh.ici = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "sequence": 1, "tensor": 1})
@@ -79,7 +117,8 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.train.eval_batches = 20
     cfg.train.output_dir = "runs/base"
     cfg.train.peak_tflops_per_device = 0.0  # 0: look the device up (unknown devices report no MFU)
-    cfg.train.profile_steps = ""  # e.g. "10,15": trace those steps into output_dir/profile
+    cfg.train.profile_start_step = 0  # with profile_num_steps > 0: trace those steps into output_dir/profile
+    cfg.train.profile_num_steps = 0
 
     cfg.checkpoint = ConfigDict()
     cfg.checkpoint.every = 500
@@ -87,4 +126,15 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.checkpoint.keep_every = 0  # also keep every M-th step forever; 0 disables
     cfg.checkpoint.async_save = True
     cfg.checkpoint.resume = True
+    # Resuming refuses changed optimizer/schedule fields (optim.*, train.steps, train.grad_accum,
+    # data.batch_size) unless listed here, e.g. "train.steps,optim.lr" or "optim" (a whole section).
+    cfg.checkpoint.allow_changes = ""
+
+    cfg.sampler = ConfigDict()
+    cfg.sampler.prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+    cfg.sampler.max_new_tokens = 64
+    cfg.sampler.temperature = 0.0  # 0: greedy
+    cfg.sampler.top_k = 0
+    cfg.sampler.top_p = 1.0
+    cfg.sampler.max_len = 256
     return cfg

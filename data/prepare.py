@@ -33,9 +33,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     tokenizer = None
     if _TOKENIZER.value:
-        from data import tokenizer as tokenizer_lib  # only needed with --tokenizer
+        from data.tokenizers import load_tokenizer  # noqa: PLC0415  (only needed with --tokenizer)
 
-        tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
+        tokenizer = load_tokenizer(_TOKENIZER.value)
     logging.info("prepare: %s -> %s", _INPUT.value, _OUTPUT_DIR.value)
     report = preparation.prepare(_INPUT.value, _OUTPUT_DIR.value, _CONFIG.value, tokenizer)
     summary = {key: value for key, value in report.items() if key != "config"}

@@ -199,21 +199,6 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(token_id)
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Loads a tokenizer, choosing the implementation from the file name."""
-    path = Path(path)
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    if path.name == "tokenizer.json" or (path / "tokenizer.json").is_file():
-        from data.hf_tokenizer import HFTokenizer  # noqa: PLC0415  (hf_tokenizer imports this module)
-
-        return HFTokenizer(path)
-    raise ValueError(
-        f"{path}: unknown tokenizer format (expected a sentencepiece '.model' file, a Hugging Face "
-        "'tokenizer.json', or a directory holding one)"
-    )
-
-
 def _training_sentences(texts: Iterable[str], max_sentence_chars: int) -> Iterator[str]:
     """Cuts documents into line-aligned blocks of at most `max_sentence_chars`.
 

@@ -68,7 +68,7 @@ class SamplerGenerator:
 
 def load_checkpoint_generator(checkpoint: str, max_len: int = 2048) -> Generator:
     """codelm's generator for a checkpoint: a training run directory (run_config.json, see
-    `train.checkpoint.load_trained_model`) or a Hugging Face directory (config.json + safetensors +
+    `models.pretrained.load_trained_model`) or a Hugging Face directory (config.json + safetensors +
     tokenizer.json)."""
     try:  # deferred: scoring completions must not need the model stack
         from models.sampler import Sampler
@@ -76,19 +76,12 @@ def load_checkpoint_generator(checkpoint: str, max_len: int = 2048) -> Generator
         raise GenerationError(
             f"sampling from --checkpoint={checkpoint} needs codelm's sampler (models/sampler.py), which cannot be "
             f"imported ({e}); score existing completions with --completions=FILE instead") from None
-    path = Path(checkpoint)
-    if (path / "run_config.json").is_file():
-        from train.checkpoint import load_trained_model
+    from models.pretrained import load_pretrained
 
-        model, tokenizer = load_trained_model(path)
-    elif (path / "config.json").is_file():
-        from data.hf_tokenizer import HFTokenizer
-        from models.hf import load_hf_checkpoint
-
-        model, tokenizer = load_hf_checkpoint(path), HFTokenizer(path)
-    else:
-        raise GenerationError(f"--checkpoint={checkpoint}: neither a codelm run directory (run_config.json) "
-                              "nor a Hugging Face checkpoint (config.json)")
+    try:
+        model, tokenizer = load_pretrained(checkpoint)
+    except FileNotFoundError as e:
+        raise GenerationError(f"--checkpoint={checkpoint}: {e}") from None
     if tokenizer is None:
         raise GenerationError(f"--checkpoint={checkpoint}: no tokenizer saved with the run")
     return SamplerGenerator(Sampler(model, tokenizer, max_len=min(max_len, model.cfg.max_seq_len)))

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from configs.schema import ConfigError, unknown_field
+
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
@@ -19,9 +21,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -436,7 +435,7 @@ def config_from_dict(values: Mapping[str, Any], field_prefix: str = "model") -> 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"{field_prefix}.{key}: unknown field; known fields: {', '.join(sorted(known))}")
+            raise unknown_field(field_prefix, key, known | {"preset"})
     for key, cls in _NESTED.items():
         if key not in values or isinstance(values[key], cls):
             continue
@@ -444,7 +443,7 @@ def config_from_dict(values: Mapping[str, Any], field_prefix: str = "model") -> 
         names = {f.name for f in dataclasses.fields(cls)}
         for name in nested:
             if name not in names:
-                raise ConfigError(f"{field_prefix}.{key}.{name}: unknown field; known fields: {', '.join(sorted(names))}")
+                raise unknown_field(f"{field_prefix}.{key}", name, names)
         if nested:
             values[key] = dataclasses.replace(getattr(base, key) or cls(), **nested)
     try:

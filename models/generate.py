@@ -6,7 +6,7 @@
 
 --checkpoint: a Hugging Face directory (config.json + safetensors, tokenizer.json beside them), or a
 codelm training run directory (run_config.json; its latest checkpoint, see
-`train.checkpoint.load_trained_model`).
+`models.pretrained.load_trained_model`).
 --prompt (repeatable), or --prompts_file: a `.jsonl` file with one prompt per line, each a JSON string,
 {"prompt": str} or {"messages": [{"role", "content"}, ...]} (rendered with the chat template); any
 other file is read whole as one prompt. --chat renders plain prompts as one user message.
@@ -25,12 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from configs.sharding_rules import RULE_SETS
-from data.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
-from models.hf import load_hf_checkpoint
-from models.hf.checkpoint import CONFIG_FILE
+from models.pretrained import is_run_dir, load_pretrained
 from models.sampler import Sampler, SampleOutput
 from models.sharding import make_mesh
-from train.checkpoint import RUN_CONFIG, load_trained_model
 
 Prompt = str | list[dict[str, Any]]  # text, or chat messages
 
@@ -73,21 +70,12 @@ def load(checkpoint: Path, mesh_spec: str, rules_name: str, overrides: dict[str,
     """(sampler, tokenizer) for a codelm training run directory or a Hugging Face checkpoint directory."""
     mesh = make_mesh(parse_mesh(mesh_spec)) if mesh_spec else None
     rules = RULE_SETS[rules_name]
-    if (checkpoint / RUN_CONFIG).is_file():
-        if overrides.keys() - {"remat"}:
-            raise SystemExit(f"--checkpoint={checkpoint}: --dtype / --param_dtype apply to Hugging Face checkpoints only")
-        model, tokenizer = load_trained_model(checkpoint, mesh=mesh, rules=rules)
-        if tokenizer is None:
-            raise SystemExit(f"--checkpoint={checkpoint}: the run saved no tokenizer")
-    elif (checkpoint / CONFIG_FILE).is_file():
-        if not (checkpoint / TOKENIZER_FILE).is_file():
-            raise SystemExit(f"--checkpoint={checkpoint}: no {TOKENIZER_FILE} beside the weights")
-        model, tokenizer = load_hf_checkpoint(checkpoint, mesh=mesh, rules=rules, **overrides), HFTokenizer(checkpoint)
-    else:
-        raise SystemExit(
-            f"--checkpoint={checkpoint}: neither a codelm training run ({RUN_CONFIG}) nor a Hugging Face "
-            f"checkpoint directory ({CONFIG_FILE})"
-        )
+    if is_run_dir(checkpoint) and overrides.keys() - {"remat"}:
+        raise SystemExit(f"--checkpoint={checkpoint}: --dtype / --param_dtype apply to Hugging Face checkpoints only")
+    try:
+        model, tokenizer = load_pretrained(checkpoint, mesh=mesh, rules=rules, **overrides)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--checkpoint={checkpoint}: {e}") from None
     return Sampler(model, tokenizer, mesh=mesh, rules=rules), tokenizer
 
 

@@ -163,21 +163,31 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 # The seam for attention kernels: q [B, T, N, H], k/v [B, S, K, H] (K divides N), mask [B, 1, T, S]
-# -> [B, T, N, H]. A TPU splash-attention kernel registers itself here under "splash".
-ATTENTION_KERNELS: dict[str, AttentionFn] = {"xla": _xla_attention, "cudnn": _cudnn_attention}
+# -> [B, T, N, H]. Each kernel lists the platforms it runs on (None: all). A TPU splash-attention
+# kernel registers itself here under "splash".
+ATTENTION_KERNELS: dict[str, tuple[AttentionFn, tuple[str, ...] | None]] = {
+    "xla": (_xla_attention, None),
+    "cudnn": (_cudnn_attention, ("gpu",)),
+}
 
 
-def register_attention_kernel(name: str, fn: AttentionFn) -> None:
-    ATTENTION_KERNELS[name] = fn
+def register_attention_kernel(name: str, fn: AttentionFn, platforms: tuple[str, ...] | None = None) -> None:
+    ATTENTION_KERNELS[name] = (fn, platforms)
+
+
+def available_attention_kernels(platform: str | None = None) -> list[str]:
+    """Kernel names that run on `platform` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    return sorted(name for name, (_, platforms) in ATTENTION_KERNELS.items() if platforms is None or platform in platforms)
 
 
 def attention_kernel(name: str) -> AttentionFn:
-    if name not in ATTENTION_KERNELS:
+    available = available_attention_kernels()
+    if name not in available:
         raise ValueError(
-            f"attention_impl: no kernel registered under {name!r} on this platform; "
-            f"available: {', '.join(sorted(ATTENTION_KERNELS))}"
+            f"attention_impl: no kernel {name!r} on platform {jax.default_backend()!r}; available: {', '.join(available)}"
         )
-    return ATTENTION_KERNELS[name]
+    return ATTENTION_KERNELS[name][0]
 
 
 class LayerCache(NamedTuple):

@@ -24,14 +24,16 @@ import functools
 import math
 import time
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Annotated, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from pydantic import Field
 
+from configs.schema import section
 from configs.sharding_rules import DEFAULT_RULES
 from models.decoder import Decoder
 from models.layers import LayerCache
@@ -40,6 +42,22 @@ from models.sharding import Rules, constrain, logical_sharding, sharding_context
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 _MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array (padded with -1) to avoid recompiles
 
+
+
+@section
+class SamplerConfig:
+    """The `sampler` section: how a job samples (a training run's sample, evaluation, RL rollouts).
+
+    prompt: the text a pretraining run continues at the end as a smoke test ("" skips it).
+    max_len: prompt + completion tokens the cache holds; temperature 0 is greedy.
+    """
+
+    prompt: str = ""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    max_len: Annotated[int, Field(ge=2)] = 256
 
 class TokenizerLike(Protocol):
     """What the sampler uses of a tokenizer (`data.tokenizer.Tokenizer`, `data.hf_tokenizer.HFTokenizer`)."""

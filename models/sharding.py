@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pydantic import Field
 
-from configs.sharding_rules import MESH_AXES
+from configs.schema import ConfigError, section
+from configs.sharding_rules import MESH_AXES, RULE_SETS
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 LogicalAxes = Sequence[str | None]
@@ -81,8 +84,77 @@ def make_mesh(
     return Mesh(grid, MESH_AXES)
 
 
-def mesh_from_config(mesh_cfg: Mapping[str, Any]) -> Mesh:
-    """`mesh_cfg` has `ici` and optionally `dcn` mappings (see `make_mesh`)."""
+AxisSize = Annotated[int, Field(ge=-1)]
+
+
+@section
+class MeshAxes:
+    """Size of each mesh axis (MESH_AXES); -1 (at most one) takes the remaining devices."""
+
+    data: AxisSize = 1
+    fsdp: AxisSize = 1
+    expert: AxisSize = 1
+    sequence: AxisSize = 1
+    tensor: AxisSize = 1
+
+    def __post_init__(self) -> None:
+        sizes = dataclasses.asdict(self)
+        for axis, size in sizes.items():
+            if size == 0:
+                raise ConfigError(f"{axis}: must be a positive integer or -1, got 0")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"{[a for a, v in sizes.items() if v == -1][1]}: at most one axis may be -1")
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@section
+class MeshConfig:
+    """The `mesh` section: axis sizes within a slice (ici) and across slices (dcn), and the name of
+    the logical-axis rule set (configs/sharding_rules.py)."""
+
+    ici: MeshAxes = MeshAxes(fsdp=-1)
+    dcn: MeshAxes = MeshAxes()
+    rules: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.rules not in RULE_SETS:
+            raise ConfigError(f"rules: got {self.rules!r}, allowed values are {', '.join(RULE_SETS)}")
+        if -1 in self.dcn.as_dict().values():
+            raise ConfigError("dcn: -1 is for ici axes; give the number of slices explicitly")
+
+    @property
+    def rule_set(self) -> Rules:
+        return RULE_SETS[self.rules]
+
+    def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        return make_mesh(self.ici.as_dict(), self.dcn.as_dict(), devices)
+
+    def shape(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes (ici * dcn) this config gives on `n_devices` devices; raises ConfigError."""
+        dcn = self.dcn.as_dict()
+        slices = math.prod(dcn.values())
+        if n_devices % slices:
+            raise ConfigError(f"mesh.dcn: {n_devices} devices do not split into {slices} slices")
+        try:
+            ici = _resolve_shape(self.ici.as_dict(), n_devices // slices, "mesh.ici")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return {axis: size * dcn[axis] for axis, size in zip(MESH_AXES, ici)}
+
+    def batch_shards(self, n_devices: int) -> int:
+        """How many ways the rules split the batch dimension: the data-parallel size."""
+        shape = self.shape(n_devices)
+        spec = logical_to_mesh_spec(("batch",), self.rule_set)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        return math.prod(shape[a] for a in axes)
+
+
+def mesh_from_config(mesh_cfg: MeshConfig | Mapping[str, Any]) -> Mesh:
+    """A mesh from a `MeshConfig` or a mapping with `ici` and optionally `dcn` (see `make_mesh`)."""
+    if isinstance(mesh_cfg, MeshConfig):
+        return mesh_cfg.make()
     return make_mesh(dict(mesh_cfg["ici"]), dict(mesh_cfg.get("dcn", {}) or {}))
 
 
@@ -191,3 +263,8 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> 
     with sharding_context(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings`: a target to restore or compile into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

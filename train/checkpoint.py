@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
-from jax.sharding import Mesh
-from ml_collections import ConfigDict
 
-from configs.sharding_rules import DEFAULT_RULES
-from data.tokenizer import load_tokenizer
-from models.config import ModelConfig
-from models.decoder import Decoder
-from models.sharding import Rules, make_mesh, state_shardings
-from train.state import TrainState, split_model
+from configs.schema import ConfigError
+from train.config import CheckpointConfig
+from train.state import TrainState
 
 
 class _IteratorState:
@@ -50,15 +43,10 @@ class _IteratorState:
         pass
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `tree` with the given shardings: the target `restore` places arrays into."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) under `directory`/<step>/."""
 
-    def __init__(self, directory: str | os.PathLike[str], cfg: ConfigDict):
+    def __init__(self, directory: str | os.PathLike[str], cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.every = cfg.every
         options = ocp.CheckpointManagerOptions(
@@ -87,11 +75,29 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, target: Any, data_iterator: Any | None) -> TrainState:
-        """Restores the state into `target` (abstract arrays with shardings) and the iterator in place."""
+        """Restores the state into `target` (abstract arrays with shardings) and the iterator in place.
+
+        Shapes are checked first: a mismatch names the parameter instead of failing deep in orbax."""
+        self.check_shapes(step, target)
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def check_shapes(self, step: int, target: Any) -> None:
+        """Raises ConfigError naming the first array whose saved shape differs from `target`'s."""
+        saved = self.manager.item_metadata(step)["state"]
+        if saved is None:
+            return
+        saved_shapes = {_path_name(path): getattr(meta, "shape", None)
+                        for path, meta in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+            shape = saved_shapes.get(_path_name(path))
+            if shape is not None and tuple(shape) != tuple(leaf.shape):
+                raise ConfigError(
+                    f"checkpoint {self.directory}/{step}: {_path_name(path)} has shape {tuple(shape)} there but "
+                    f"{tuple(leaf.shape)} in this model; the model config changed since the checkpoint was written"
+                )
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once a preemption notice (multi-host sync point) has arrived."""
@@ -104,54 +110,6 @@ class Checkpointer:
         self.manager.close()
 
 
-# ---- models from training runs ------------------------------------------------------------------
-
-RUN_CONFIG = "run_config.json"
-RUN_TOKENIZER = "tokenizer.model"
-
-
-def write_run_config(out_dir: Path, cfg: ConfigDict, model_cfg: ModelConfig) -> None:
-    """Records what a run trains (the resolved model config) and copies its tokenizer beside it, so
-    `load_trained_model` needs only the run directory."""
-    if jax.process_index() != 0:
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model_cfg.to_dict(), "config": json.loads(cfg.to_json_best_effort())}
-    (out_dir / RUN_CONFIG).write_text(json.dumps(payload, indent=1) + "\n")
-    tokenizer = Path(cfg.data.tokenizer_path)
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, out_dir / RUN_TOKENIZER)
-
-
-def load_trained_model(
-    run_dir: str | os.PathLike[str],
-    *,
-    step: int | None = None,
-    mesh: Mesh | None = None,
-    rules: Rules = DEFAULT_RULES,
-) -> tuple[Decoder, Any]:
-    """(model, tokenizer) from a training run directory: parameters of checkpoint `step` (default the
-    latest), placed on `mesh` (default: all devices, fully sharded over fsdp). Only the parameters
-    and model variables are read, not the optimizer state."""
-    run_dir = Path(run_dir)
-    meta_path = run_dir / RUN_CONFIG
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a codelm run directory (no {RUN_CONFIG})")
-    model_cfg = ModelConfig(**json.loads(meta_path.read_text())["model"])
-    mesh = mesh or make_mesh({"fsdp": -1})
-    _, abstract_params, abstract_rest = split_model(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
-    target = {
-        "params": abstract_like(abstract_params, state_shardings(abstract_params, mesh, rules)),
-        "rest": abstract_like(abstract_rest, state_shardings(abstract_rest, mesh, rules)),
-    }
-    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "data"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints: no checkpoint to load")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
-    manager.close()
-    graphdef, _, _ = split_model(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, restored["params"], restored["rest"])
-    tokenizer = load_tokenizer(run_dir / RUN_TOKENIZER) if (run_dir / RUN_TOKENIZER).is_file() else None
-    return model, tokenizer
+def _path_name(path: tuple[Any, ...]) -> str:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(n for n in names if n != "value")

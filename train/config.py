@@ -1,88 +1,165 @@
-"""Validation of a training config (configs/base.py): every error names the field and what it allows."""
+"""A training run's config: every section typed and frozen, validated once at load.
+
+    run = load_run_config(config_dict)          # raises ConfigError naming the field path
+    run.train.steps, run.data.seq_len, run.model.d_model, run.mesh.make(), ...
+
+Sections are owned by the layer that reads them (model: models/config.py, data: data/config.py,
+mesh: models/sharding.py, sampler: models/sampler.py, optim: train/optimizer.py); this module adds
+the train and checkpoint sections and the checks that span sections. SFT and RL extend `RunConfig`
+with their own sections.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
+import jax
 from ml_collections import ConfigDict
+from pydantic import Field
 
-from configs.sharding_rules import MESH_AXES, RULE_SETS
-from data.pipeline import validate_data_config
-from models.config import ConfigError, ModelConfig, config_from_dict
-from train.optimizer import SCHEDULES
+from configs.schema import ConfigError, parse, section, to_dict, unknown_field
+from data.config import DataConfig
+from models.config import ModelConfig, config_from_dict
+from models.layers import available_attention_kernels
+from models.moe import GROUPED_MATMUL_KERNELS
+from models.sampler import SamplerConfig
+from models.sharding import MeshConfig
+from train.optimizer import OptimConfig
 
-NONFINITE_ACTIONS = ("stop", "skip")
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
-
-def _require(cfg: ConfigDict, field: str) -> Any:
-    node = cfg
-    for part in field.split("."):
-        if part not in node:
-            raise ConfigError(f"{field}: missing (every config starts from configs/base.py)")
-        node = node[part]
-    return node
-
-
-def _number(cfg: ConfigDict, field: str, *, minimum: float | None = None, integer: bool = False, maximum: float | None = None) -> None:
-    value = _require(cfg, field)
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{field}: expected {'an integer' if integer else 'a number'}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{field}: must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{field}: must be <= {maximum}, got {value!r}")
+# Fields that shape the optimizer trajectory: a resume that changes them is refused unless
+# `checkpoint.allow_changes` lists them (or their section).
+TRAJECTORY_FIELDS = ("optim", "train.steps", "train.grad_accum", "data.batch_size")
 
 
-def _choice(cfg: ConfigDict, field: str, choices: tuple[str, ...]) -> None:
-    value = _require(cfg, field)
-    if value not in choices:
-        raise ConfigError(f"{field}: got {value!r}, allowed values are {', '.join(choices)}")
+@section
+class TrainConfig:
+    steps: PositiveInt = 10000
+    grad_accum: PositiveInt = 1  # micro-batches per step; data.batch_size is split among them
+    z_loss: Annotated[float, Field(ge=0.0)] = 0.0  # coefficient of log(Z)^2 (PaLM: 1e-4)
+    seed: NonNegativeInt = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 500  # 0: no evaluation
+    eval_batches: NonNegativeInt = 20
+    output_dir: Annotated[str, Field(min_length=1)] = "runs/base"
+    peak_tflops_per_device: Annotated[float, Field(ge=0.0)] = 0.0  # 0: look the device up
+    profile_start_step: NonNegativeInt = 0
+    profile_num_steps: NonNegativeInt = 0  # > 0: trace that many steps into output_dir/profile
 
 
-def validate(cfg: ConfigDict) -> ModelConfig:
-    """Checks every section; returns the model config it describes."""
-    model_cfg = config_from_dict(_require(cfg, "model"))
-    try:
-        validate_data_config(_require(cfg, "data"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+@section
+class CheckpointConfig:
+    every: PositiveInt = 500
+    keep_last: PositiveInt = 3
+    keep_every: NonNegativeInt = 0  # also keep every M-th step forever; 0 disables
+    async_save: bool = True
+    resume: bool = True
+    allow_changes: str = ""  # comma-separated fields/sections a resume may change (TRAJECTORY_FIELDS)
 
-    for section in ("ici", "dcn"):
-        shape = _require(cfg, f"mesh.{section}")
-        for axis, size in shape.items():
-            if axis not in MESH_AXES:
-                raise ConfigError(f"mesh.{section}.{axis}: unknown mesh axis; axes are {', '.join(MESH_AXES)}")
-            if not isinstance(size, int) or (size < 1 and size != -1):
-                raise ConfigError(f"mesh.{section}.{axis}: must be a positive integer or -1, got {size!r}")
-    _choice(cfg, "mesh.rules", tuple(RULE_SETS))
+    @property
+    def allowed_changes(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.allow_changes.split(",") if part.strip())
 
-    _number(cfg, "optim.lr", minimum=0)
-    _choice(cfg, "optim.schedule", SCHEDULES)
-    _number(cfg, "optim.warmup_steps", minimum=0, integer=True)
-    _number(cfg, "optim.min_lr_ratio", minimum=0, maximum=1)
-    _number(cfg, "optim.wsd_decay_fraction", minimum=0, maximum=1)
-    _number(cfg, "optim.b1", minimum=0, maximum=1)
-    _number(cfg, "optim.b2", minimum=0, maximum=1)
-    _number(cfg, "optim.eps", minimum=0)
-    _number(cfg, "optim.weight_decay", minimum=0)
-    _number(cfg, "optim.clip_norm", minimum=0)
 
-    _number(cfg, "train.steps", minimum=1, integer=True)
-    _number(cfg, "train.grad_accum", minimum=1, integer=True)
-    _number(cfg, "train.z_loss", minimum=0)
-    _number(cfg, "train.seed", minimum=0, integer=True)
-    _choice(cfg, "train.on_nonfinite", NONFINITE_ACTIONS)
-    _number(cfg, "train.log_every", minimum=1, integer=True)
-    _number(cfg, "train.eval_every", minimum=0, integer=True)
-    _number(cfg, "train.eval_batches", minimum=0, integer=True)
-    _number(cfg, "train.peak_tflops_per_device", minimum=0)
-    if cfg.data.batch_size % cfg.train.grad_accum:
+@section
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sampler: SamplerConfig = SamplerConfig()
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.data.batch_size // self.train.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+R = TypeVar("R", bound=RunConfig)
+
+
+def check_run(run: RunConfig, *, n_devices: int, n_processes: int, platform: str) -> None:
+    """Checks that span sections, on the devices the run will use; raises ConfigError."""
+    data, train, model = run.data, run.train, run.model
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len: {data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if data.batch_size % train.grad_accum:
+        raise ConfigError(f"train.grad_accum: must divide data.batch_size={data.batch_size}, got {train.grad_accum}")
+    if data.batch_size % n_processes:
+        raise ConfigError(f"data.batch_size: {data.batch_size} does not divide over {n_processes} processes")
+    shards = run.mesh.batch_shards(n_devices)
+    if run.micro_batch_size % shards:
+        where = f"data-parallel size {shards} of mesh {run.mesh.shape(n_devices)}"
+        if train.grad_accum == 1:
+            raise ConfigError(f"data.batch_size: {data.batch_size} rows must be divisible by the {where}")
         raise ConfigError(
-            f"train.grad_accum: must divide data.batch_size={cfg.data.batch_size}, got {cfg.train.grad_accum}"
+            f"train.grad_accum: each micro-batch (data.batch_size / train.grad_accum = {run.micro_batch_size} rows) "
+            f"must be divisible by the {where}"
+        )
+    kernels = available_attention_kernels(platform)
+    if model.attention_impl not in kernels:
+        raise ConfigError(
+            f"model.attention_impl: {model.attention_impl!r} is not available on {platform}; available: {', '.join(kernels)}"
+        )
+    if model.moe is not None and model.moe.grouped_matmul not in ("auto", *GROUPED_MATMUL_KERNELS):
+        raise ConfigError(
+            f"model.moe.grouped_matmul: no kernel {model.moe.grouped_matmul!r}; "
+            f"available: auto, {', '.join(sorted(GROUPED_MATMUL_KERNELS))}"
         )
 
-    _number(cfg, "checkpoint.every", minimum=1, integer=True)
-    _number(cfg, "checkpoint.keep_last", minimum=1, integer=True)
-    _number(cfg, "checkpoint.keep_every", minimum=0, integer=True)
-    return model_cfg
+
+def load_run_config(
+    cfg: ConfigDict | Mapping[str, Any],
+    schema: type[R] = RunConfig,  # type: ignore[assignment]
+    *,
+    n_devices: int | None = None,
+    n_processes: int | None = None,
+    platform: str | None = None,
+) -> R:
+    """Validates a config (an ml_collections ConfigDict or nested mapping) into `schema`.
+
+    The model section is a preset plus overrides (see `models.config.config_from_dict`); every
+    other section is parsed by its schema. Cross-section checks run against the given device and
+    process counts (default: this JAX runtime's)."""
+    raw = cfg.to_dict() if isinstance(cfg, ConfigDict) else dict(cfg)
+    known = {f.name for f in dataclasses.fields(schema)}
+    for name in raw:
+        if name not in known:
+            raise unknown_field("", name, known)
+    if "model" not in raw:
+        raise ConfigError("model: missing (every config starts from configs/base.py)")
+    raw["model"] = config_from_dict(raw["model"] or {})
+    run = parse(schema, raw)
+    check_run(
+        run,
+        n_devices=jax.device_count() if n_devices is None else n_devices,
+        n_processes=jax.process_count() if n_processes is None else n_processes,
+        platform=platform or jax.default_backend(),
+    )
+    return run
+
+
+def trajectory_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field path, saved value, current value) for each TRAJECTORY_FIELDS field that differs
+    between two `RunConfig.to_dict()` results."""
+    changes = []
+    for field in TRAJECTORY_FIELDS:
+        section_name, _, name = field.partition(".")
+        old, new = saved.get(section_name, {}), current.get(section_name, {})
+        pairs = [(f"{section_name}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))] if not name else [
+            (field, old.get(name), new.get(name))]
+        changes += [(path, a, b) for path, a, b in pairs if a != b]
+    return changes
+
+
+def is_allowed(path: str, allowed: tuple[str, ...]) -> bool:
+    return any(path == a or path.startswith(a + ".") for a in allowed)

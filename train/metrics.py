@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,6 +67,44 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class StepTimer:
+    """Seconds per training step between laps, not counting paused time (evaluation, checkpoint
+    saves), so tokens/s and MFU describe the train step whatever the eval and log intervals."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.start()
+
+    def start(self) -> None:
+        self._run_start = self._window_start = self._clock()
+        self._paused, self._steps = 0.0, 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self, sync: Any = None) -> Iterator[None]:
+        """Excludes the block's time; `sync` (arrays) is waited for first, so work already
+        dispatched for the window's steps is counted in them."""
+        if sync is not None:
+            jax.block_until_ready(sync)
+        begin = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - begin
+
+    def lap(self) -> float:
+        """Mean step time since the previous lap; call after the window's results were fetched."""
+        now = self._clock()
+        per_step = (now - self._window_start - self._paused) / max(self._steps, 1)
+        self._window_start, self._paused, self._steps = now, 0.0, 0
+        return per_step
+
+    def elapsed(self) -> float:
+        return self._clock() - self._run_start
 
 
 class MetricsLogger:

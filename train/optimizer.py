@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import jax
 import optax
-from ml_collections import ConfigDict
+from pydantic import Field
 
-SCHEDULES = ("cosine", "wsd", "constant")
+from configs.schema import section
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
 
 
-def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
+@section
+class OptimConfig:
+    """The `optim` section: AdamW after global-norm clipping, with a learning-rate schedule."""
+
+    lr: NonNegative = 3e-4
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 1000
+    min_lr_ratio: Fraction = 0.1  # final lr = lr * min_lr_ratio
+    wsd_decay_fraction: Fraction = 0.2  # wsd: the last fraction of steps decays linearly
+    b1: Fraction = 0.9
+    b2: Fraction = 0.95
+    eps: NonNegative = 1e-8
+    weight_decay: NonNegative = 0.1
+    decay_norms: bool = False
+    decay_biases: bool = False
+    decay_embeddings: bool = False
+    clip_norm: NonNegative = 1.0  # 0 disables clipping
+
+
+def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay / warmup-stable-decay / constant.
 
     cosine: decays to lr * min_lr_ratio at `total_steps`. wsd (warmup-stable-decay, Hu et al. 2024):
@@ -36,7 +58,7 @@ def _path_names(path: tuple[Any, ...]) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
-def weight_decay_mask(params: Any, optim: ConfigDict) -> Any:
+def weight_decay_mask(params: Any, optim: OptimConfig) -> Any:
     """True for parameters that get weight decay: matrices, unless configured otherwise.
 
     Norm scales/biases, biases and the input embedding are excluded by default (as in GPT-3,
@@ -57,7 +79,7 @@ def weight_decay_mask(params: Any, optim: ConfigDict) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ConfigDict, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim: OptimConfig, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) after global-norm clipping."""
     schedule = learning_rate_schedule(optim, total_steps)
     adamw = optax.adamw(

@@ -9,6 +9,7 @@ entropy, a sample completion, and a loss-curve PNG under train.output_dir.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -17,66 +18,56 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app
-from absl import logging as absl_logging
 from flax import nnx
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
+from configs.schema import ConfigError
 from data import corpus
-from data.pipeline import build_iterator
+from data.config import DataConfig
+from data.pipeline import DataIterator, build_iterator
 from data.sources import open_source
-from data.tokenizer import Tokenizer, load_tokenizer
-from data.code.fim import make_fim_transform
-from models.config import ConfigError, ModelConfig
-from models.sampler import Sampler
-from train import distributed
-from train.config import validate
-from train.loop import TrainResult, TrainTask, train
+from data.tokenizer import Tokenizer
+from data.tokenizers import load_tokenizer
+from models.config import ModelConfig
+from models.sampler import Sampler, SamplerConfig
+from train import cli
+from train.config import RunConfig
 from train.metrics import plot_loss_curve
 from train.step import next_token_loss
+from train.trainer import Trainer, TrainResult, TrainTask
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Training config file.", lock_config=True)
+_CONFIG = cli.define_config("configs/quickstart.py")
+EMBEDDED_TOKENIZER = f"{corpus.DEFAULT_OUT_DIR}/tokenizer.model"
 
-SAMPLE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
-
-def prepare_data(cfg: ConfigDict) -> Tokenizer:
+def prepare_data(data: DataConfig) -> Tokenizer:
     """Builds the embedded corpus when the config points at it, then loads the tokenizer."""
-    default_tokenizer = f"{corpus.DEFAULT_OUT_DIR}/tokenizer.model"
-    if cfg.data.tokenizer_path == default_tokenizer:
+    if data.tokenizer_path == EMBEDDED_TOKENIZER:
         corpus.ensure_corpus(corpus.DEFAULT_OUT_DIR)
-    return load_tokenizer(cfg.data.tokenizer_path)
+    return load_tokenizer(data.tokenizer_path)
 
 
-def document_transforms(cfg: ConfigDict, tokenizer: Tokenizer) -> tuple[Any, ...]:
-    """Per-document transforms before packing: FIM when `data.fim.fim_rate` > 0."""
-    fim = cfg.data.get("fim")
-    if fim is None or fim.fim_rate == 0:
-        return ()
-    if fim.level != "document":
-        raise ConfigError("data.fim.level: packed pretraining applies FIM per document; use 'document'")
-    try:
-        return (make_fim_transform(fim, tokenizer),)
-    except ValueError as e:
-        raise ConfigError(f"data.fim: {e}") from None
+def data_iterator(data: DataConfig, tokenizer: Tokenizer, split: str, *, fim: bool = True) -> DataIterator:
+    """The split's batch iterator; FIM (data.fim) only where `fim`."""
+    return build_iterator(ConfigDict(dataclasses.asdict(data)), tokenizer, split=split, fim=fim)
 
 
-def fit_vocab(model_cfg: ModelConfig, cfg: ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+def fit_vocab(model_cfg: ModelConfig, explicit_vocab: bool, tokenizer: Tokenizer) -> ModelConfig:
     """A model trained from scratch takes the tokenizer's vocabulary (padded to a multiple of 128)
-    unless the config sets model.vocab_size; a smaller explicit size is an error."""
-    if cfg.model.get("vocab_size") is not None:
+    unless the config sets model.vocab_size (`explicit_vocab`); a smaller explicit size is an error."""
+    if explicit_vocab:
         if model_cfg.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+            raise ConfigError(
+                f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
             )
         return model_cfg
     return model_cfg.replace(vocab_size=128 * math.ceil(tokenizer.vocab_size / 128))
 
 
-def _split_pairs(cfg: ConfigDict, tokenizer: Tokenizer, split: str) -> np.ndarray:
+def _split_pairs(data: DataConfig, tokenizer: Tokenizer, split: str) -> np.ndarray:
     """[n, 2] (input, target) token pairs of a split's documents, BOS ... EOS, as the model sees them."""
     pairs = []
-    for name, source_cfg in cfg.data.sources.items():
+    for name, source_cfg in data.sources.items():
         source = open_source(source_cfg.kind, source_cfg.splits[split], field=f"data.sources.{name}.splits.{split}",
                              text_field=source_cfg.text_field)
         for i in range(len(source)):
@@ -85,7 +76,7 @@ def _split_pairs(cfg: ConfigDict, tokenizer: Tokenizer, split: str) -> np.ndarra
     return np.concatenate(pairs)
 
 
-def ngram_baselines(cfg: ConfigDict, tokenizer: Tokenizer, bigram_weight: float = 0.9) -> dict[str, float]:
+def ngram_baselines(data: DataConfig, tokenizer: Tokenizer, bigram_weight: float = 0.9) -> dict[str, float]:
     """Count-based baselines in nats/token over the targets the model is scored on.
 
     unigram_entropy_train: entropy of the train split's token distribution.
@@ -94,7 +85,7 @@ def ngram_baselines(cfg: ConfigDict, tokenizer: Tokenizer, bigram_weight: float 
       p(b | a) = w * c(a, b) / c(a) + (1 - w) * p_unigram(b) (Jelinek & Mercer 1980), counted on train.
     """
     vocab = tokenizer.vocab_size
-    train, held_out = _split_pairs(cfg, tokenizer, "train"), _split_pairs(cfg, tokenizer, "validation")
+    train, held_out = _split_pairs(data, tokenizer, "train"), _split_pairs(data, tokenizer, "validation")
     unigram = np.bincount(train[:, 1], minlength=vocab).astype(np.float64)
     p = unigram / unigram.sum()
     smoothed = (unigram + 1) / (unigram.sum() + vocab)
@@ -113,68 +104,84 @@ def ngram_baselines(cfg: ConfigDict, tokenizer: Tokenizer, bigram_weight: float 
     }
 
 
-def sample_completion(result: TrainResult, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of `prompt` by the trained model."""
+def sample_completion(result: TrainResult, tokenizer: Tokenizer, sampler_cfg: SamplerConfig) -> str:
+    """The trained model's continuation of `sampler.prompt`."""
     model = nnx.merge(result.graphdef, result.state.params, result.state.rest)
-    sampler = Sampler(model, tokenizer, max_len=256)
-    return sampler.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0).texts[0]
+    sampler = Sampler(model, tokenizer, max_len=sampler_cfg.max_len)
+    return sampler.generate(
+        [sampler_cfg.prompt], max_new_tokens=sampler_cfg.max_new_tokens, temperature=sampler_cfg.temperature,
+        top_k=sampler_cfg.top_k, top_p=sampler_cfg.top_p,
+    ).texts[0]
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
-    cfg = _CONFIG.value
-    distributed.maybe_initialize()
-    model_cfg = validate(cfg)
-    tokenizer = prepare_data(cfg)
-    model_cfg = fit_vocab(model_cfg, cfg, tokenizer)
-
-    transforms = document_transforms(cfg, tokenizer)
-    train_data = build_iterator(cfg.data, tokenizer, split="train", transforms=transforms)
-    # Held-out loss is plain left-to-right LM loss (no FIM), comparable across runs and baselines.
-    eval_data = functools.partial(build_iterator, cfg.data, tokenizer, split="validation")
+def make_task(run: RunConfig, tokenizer: Tokenizer) -> TrainTask:
+    """Next-token prediction on the packed train split; held-out loss on plain left-to-right text
+    (no FIM), comparable across runs and with the n-gram baselines."""
     post_update = None
-    if model_cfg.moe is not None and model_cfg.moe.bias_update_rate > 0:
+    if run.model.moe is not None and run.model.moe.bias_update_rate > 0:
         from models.moe import apply_bias_updates  # noqa: PLC0415
 
         post_update = apply_bias_updates
-    task = TrainTask(
-        model_config=model_cfg,
-        train_data=train_data,
-        loss_fn=functools.partial(next_token_loss, z_loss=cfg.train.z_loss),
-        eval_data=eval_data,
+    return TrainTask(
+        model_config=run.model,
+        train_data=data_iterator(run.data, tokenizer, "train"),
+        loss_fn=functools.partial(next_token_loss, z_loss=run.train.z_loss),
+        eval_data=functools.partial(data_iterator, run.data, tokenizer, "validation", fim=False),
         post_update=post_update,
     )
-    result = train(cfg, task)
-    if result.preempted:
-        sys.exit(143)  # 128 + SIGTERM: the scheduler restarts the job, which resumes
 
-    if jax.process_index() != 0:
-        return
-    out = result.output_dir
+
+def summarize_run(run: RunConfig, result: TrainResult, tokenizer: Tokenizer) -> dict[str, Any]:
+    """summary.json: sizes, tokens, eval loss, n-gram baselines, loss-curve PNG, sample."""
+    model_cfg, out = run.model, result.output_dir
     summary: dict[str, Any] = {
         "model": model_cfg.name,
         "params": model_cfg.param_count(),
         "params_non_embedding": model_cfg.param_count(embeddings=False),
         "steps": result.step,
-        "tokens_trained": result.step * cfg.data.batch_size * cfg.data.seq_len,
-        "flops_per_token": model_cfg.flops_per_token(cfg.data.seq_len),
+        "tokens_trained": result.step * run.data.batch_size * run.data.seq_len,
+        "flops_per_token": model_cfg.flops_per_token(run.data.seq_len),
         "eval_loss": result.eval_loss,
     }
     baselines = {}
-    if cfg.data.tokenizer_path == f"{corpus.DEFAULT_OUT_DIR}/tokenizer.model":
-        summary.update(ngram_baselines(cfg, tokenizer))
+    if run.data.tokenizer_path == EMBEDDED_TOKENIZER:
+        summary.update(ngram_baselines(run.data, tokenizer))
         baselines["unigram cross-entropy (held-out)"] = summary["unigram_cross_entropy_heldout"]
         baselines["interpolated bigram (held-out)"] = summary["bigram_cross_entropy_heldout"]
-    title = f"{model_cfg.name} on {', '.join(sorted(cfg.data.sources))}"
+    title = f"{model_cfg.name} on {', '.join(sorted(run.data.sources))}"
     png = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", title=title, baselines=baselines)
     summary["loss_curve"] = str(png)
-    completion = sample_completion(result, tokenizer, SAMPLE_PROMPT)
-    summary["sample_prompt"], summary["sample_completion"] = SAMPLE_PROMPT, completion
-    print(f"\n--- sample (greedy) ---\n{SAMPLE_PROMPT}{completion}\n-----------------------\n", file=sys.stderr)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    if run.sampler.prompt:
+        completion = sample_completion(result, tokenizer, run.sampler)
+        summary["sample_prompt"], summary["sample_completion"] = run.sampler.prompt, completion
+        label = "greedy" if run.sampler.temperature == 0 else f"temperature {run.sampler.temperature}"
+        print(f"\n--- sample ({label}) ---\n{run.sampler.prompt}{completion}\n-----------------------\n", file=sys.stderr)
+    return summary
+
+
+def pretrain(run: RunConfig, *, explicit_vocab: bool = True) -> dict[str, Any] | None:
+    """Trains (or resumes, or finds finished) the run; returns its summary on process 0 (None
+    elsewhere). A run that had already finished keeps the summary it wrote then."""
+    tokenizer = prepare_data(run.data)
+    run = dataclasses.replace(run, model=fit_vocab(run.model, explicit_vocab, tokenizer))
+    result = Trainer(run, make_task(run, tokenizer)).run()
+    if result.preempted:
+        sys.exit(143)  # 128 + SIGTERM: the scheduler restarts the job, which resumes
+    if jax.process_index() != 0:
+        return None
+    summary_path = result.output_dir / "summary.json"
+    if result.already_finished and summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    summary = summarize_run(run, result, tokenizer)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(run: RunConfig) -> None:
+    summary = pretrain(run, explicit_vocab=_CONFIG.value.model.get("vocab_size") is not None)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, _CONFIG)

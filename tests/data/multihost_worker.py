@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec  # noqa: E402
 
 from data.pipeline import build_iterator, to_global_batch  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
+from data.tokenizers import load_tokenizer  # noqa: E402
 
 
 def main(coordinator: str, process_id: str, num_processes: str, config_json: str, out_json: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 import sentencepiece as spm
 
 from data import tokenizer as tok_lib
-from data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from data.tokenizers import load_tokenizer
 from tests.data.conftest import HELDOUT_MODULES, TRAIN_MODULES, read_modules
 
 TRICKY_CODE = {

@@ -1,17 +1,16 @@
-"""HumanEval end to end through codelm itself: a model trained by train.loop, loaded from its run
+"""HumanEval end to end through codelm itself: a model trained by train.trainer, loaded from its run
 directory, sampled with models.sampler, executed in the sandbox service, scored with pass@k."""
 
 import json
 
 from evals import humaneval
-from tests.train.conftest import corpus_dir, small_run_config, tokenizer  # noqa: F401  (fixtures)
-from tests.train.test_loop import make_task
-from train.loop import train
+from tests.train.conftest import corpus_dir, small_run, tokenizer  # noqa: F401  (fixtures)
+from tests.train.test_trainer import make_task, train
 
 
 def test_humaneval_samples_from_a_trained_run(corpus_dir, tokenizer, tmp_path, capsys):  # noqa: F811
-    cfg = small_run_config(corpus_dir, tmp_path / "run", train__steps=2)
-    train(cfg, make_task(cfg, tokenizer))
+    run = small_run(corpus_dir, tmp_path / "run", train__steps=2)
+    train(run, make_task(run, tokenizer))
     out = tmp_path / "eval"
     humaneval.main([f"--checkpoint={tmp_path / 'run'}", "--limit=3", "--samples-per-problem=2", "--temperature=0.8",
                     "--max-new-tokens=8", "--k=1,2", f"--output={out}", "--workers=2"])

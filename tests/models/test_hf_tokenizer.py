@@ -155,7 +155,7 @@ def test_named_and_file_chat_templates(tmp_path):
 
 
 def test_load_tokenizer_dispatches_to_hf_for_tokenizer_json(tmp_path):
-    from data.tokenizer import load_tokenizer
+    from data.tokenizers import load_tokenizer
 
     directory = byte_level_tokenizer(tmp_path)
     for path in (directory, directory / "tokenizer.json"):

@@ -12,10 +12,9 @@ from models import generate  # noqa: E402
 from models.hf import load_hf_checkpoint, reference  # noqa: E402
 from models.sampler import Sampler  # noqa: E402
 from tests.models.test_hf_tokenizer import MESSAGES, byte_level_tokenizer  # noqa: E402
-from tests.train.conftest import corpus_dir, small_run_config, tokenizer  # noqa: E402, F401  (fixtures)
-from tests.train.test_loop import make_task  # noqa: E402
-from train.checkpoint import load_trained_model  # noqa: E402
-from train.loop import train  # noqa: E402
+from tests.train.conftest import corpus_dir, small_run, tokenizer  # noqa: E402, F401  (fixtures)
+from tests.train.test_trainer import make_task, train  # noqa: E402
+from models.pretrained import load_trained_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,8 @@ def test_cli_errors(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_cli_samples_from_a_codelm_training_run(corpus_dir, tokenizer, tmp_path):  # noqa: F811
-    cfg = small_run_config(corpus_dir, tmp_path / "run", train__steps=2)
-    train(cfg, make_task(cfg, tokenizer))
+    run = small_run(corpus_dir, tmp_path / "run", train__steps=2)
+    train(run, make_task(run, tokenizer))
     out = tmp_path / "out.jsonl"
     generate.main([f"--checkpoint={tmp_path / 'run'}", "--prompt=def add(a, b):", "--max_new_tokens=6",
                    "--format=jsonl", f"--output={out}"])

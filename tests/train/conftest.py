@@ -10,8 +10,9 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import base
-from data.pipeline import source_config
-from data.tokenizer import load_tokenizer, train_sentencepiece
+from data.tokenizer import train_sentencepiece
+from data.tokenizers import load_tokenizer
+from train.config import RunConfig, load_run_config
 
 MODULES = ["argparse", "ast", "collections/__init__", "dataclasses", "difflib", "inspect", "json/decoder",
            "pathlib", "shutil", "string", "textwrap", "typing"]
@@ -37,7 +38,7 @@ def small_run_config(corpus_dir: Path, output_dir: Path, **train_overrides) -> C
     cfg = base.get_config()
     cfg.model = ConfigDict({"preset": "tiny", "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4,
                             "n_kv_heads": 2, "d_ff": 128})
-    cfg.data.sources = ConfigDict({"code": source_config(
+    cfg.data.sources = ConfigDict({"code": base.source(
         "jsonl", {s: str(corpus_dir / f"{s}.jsonl") for s in ("train", "validation")})})
     cfg.data.tokenizer_path = str(corpus_dir / "tok.model")
     cfg.data.seq_len = 64
@@ -55,6 +56,11 @@ def small_run_config(corpus_dir: Path, output_dir: Path, **train_overrides) -> C
         section, name = key.split("__")
         cfg[section][name] = value
     return cfg
+
+
+def small_run(corpus_dir: Path, output_dir: Path, **train_overrides) -> RunConfig:
+    """`small_run_config`, validated."""
+    return load_run_config(small_run_config(corpus_dir, output_dir, **train_overrides))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,60 @@
+"""The `data` section of a run config as typed, frozen schemas (`configs/schema.py`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from configs.schema import ConfigError, section
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+FIM_LEVELS = ("chunk", "context", "document")
+
+
+@section
+class SourceConfig:
+    """One source of documents. splits: pipeline split name -> comma-separated files/globs
+    (jsonl, arrayrecord) or a TFDS split expression such as "train[:90%]" (tfds)."""
+
+    kind: Literal["jsonl", "arrayrecord", "tfds"]
+    splits: dict[str, NonEmpty]
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+    text_field: str = "text"
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "tfds" and not self.tfds_name:
+            raise ConfigError("tfds_name: required for a tfds source")
+
+
+@section
+class FIMConfig:
+    """Fill-in-the-middle (data/code/fim.py). level: "chunk" permutes each row-sized piece of a
+    document (every infill target has its prefix in its row), "context" each document of a packed
+    row (Bavarian et al.'s context-level FIM), "document" whole files before they are split."""
+
+    fim_rate: Fraction = 0.5
+    spm_rate: Fraction = 0.5
+    level: Literal[FIM_LEVELS] = "chunk"
+
+
+@section
+class DataConfig:
+    """Sources, tokenizer and batch shape. batch_size is global (summed over processes)."""
+
+    sources: Annotated[dict[str, SourceConfig], Field(min_length=1)]
+    tokenizer_path: NonEmpty
+    seq_len: Annotated[int, Field(ge=1)] = 1024
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    shuffle: bool = True
+    shuffle_seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    num_epochs: Annotated[int, Field(ge=1)] | None = None  # None: repeat forever
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    read_threads: Annotated[int, Field(ge=1)] = 2
+    prefetch_buffer_size: Annotated[int, Field(ge=1)] = 64
+    packing_bins: Annotated[int, Field(ge=1)] = 32
+    chunk_shuffle_window: Annotated[int, Field(ge=0)] = 0
+    fim: FIMConfig = FIMConfig(fim_rate=0.0)

@@ -1,0 +1,106 @@
+"""Resume cannot damage a run: a changed model is refused naming the config field and leaves the run
+directory as it was; shape mismatches name the parameter; optimizer/schedule changes need
+checkpoint.allow_changes and are logged; a finished run keeps its summary."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+from configs.schema import ConfigError
+from models.decoder import Decoder
+from models.sharding import abstract_with_shardings, make_mesh
+from tests.train.conftest import small_run
+from tests.train.test_trainer import make_task, one_device, train
+from configs.sharding_rules import DEFAULT_RULES
+from train.checkpoint import Checkpointer
+from train.optimizer import make_optimizer
+from train.pretrain import pretrain
+from train.state import init_train_state
+
+
+def snapshot(directory):
+    """{relative path: (size, mtime)} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory)] = (os.path.getsize(path), os.path.getmtime(path))
+    return out
+
+
+@pytest.fixture
+def trained(corpus_dir, tokenizer, tmp_path):
+    run = small_run(corpus_dir, tmp_path / "run", train__steps=3, checkpoint__every=3)
+    train(run, make_task(run, tokenizer), mesh=one_device())
+    return run
+
+
+def resume(run, tokenizer, **changes):
+    sections = {}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        sections.setdefault(section, {})[name] = value
+    run = dataclasses.replace(run, **{s: dataclasses.replace(getattr(run, s), **v) for s, v in sections.items()})
+    return train(run, make_task(run, tokenizer), mesh=one_device())
+
+
+def test_changed_model_is_refused_and_leaves_the_run_as_it_was(trained, tokenizer):
+    directory = trained.train.output_dir
+    before = snapshot(directory)
+    run_config = open(f"{directory}/run_config.json").read()
+    changed = dataclasses.replace(trained, model=trained.model.replace(d_model=128))
+    with pytest.raises(ConfigError, match=r"model.d_model: the checkpoints in .* were trained with 64, this config has 128"):
+        train(changed, make_task(changed, tokenizer), mesh=one_device())
+    assert snapshot(directory) == before
+    assert open(f"{directory}/run_config.json").read() == run_config  # the run still loads
+
+
+def test_shape_mismatch_names_the_parameter(corpus_dir, tmp_path):
+    run = small_run(corpus_dir, tmp_path)
+
+    def state_of(d_ff):
+        model_cfg = run.model.replace(d_ff=d_ff)
+        return init_train_state(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)),
+                                lambda p: make_optimizer(run.optim, 10, p)[0], one_device(), DEFAULT_RULES)
+
+    _, state, _, _ = state_of(128)
+    checkpointer = Checkpointer(tmp_path / "ckpt", run.checkpoint)
+    checkpointer.save(1, state, None, force=True)
+    checkpointer.wait()
+    _, other, _, shardings = state_of(256)
+    with pytest.raises(ConfigError, match=r"params/stacks/dense/blocks/ffn/mlp/down_proj has shape \(2, 128, 64\) there but \(2, 256, 64\)"):
+        checkpointer.restore(1, abstract_with_shardings(other, shardings), None)
+
+
+def test_optimizer_changes_need_allow_changes_and_are_logged(trained, tokenizer, capsys):
+    with pytest.raises(ConfigError, match="optim.lr: the run in .* was trained with 0.01, this config has 0.02; .*"
+                                          "checkpoint.allow_changes='optim.lr'"):
+        resume(trained, tokenizer, optim__lr=0.02)
+    with pytest.raises(ConfigError, match="train.steps: .* trained with 3, this config has 5"):
+        resume(trained, tokenizer, train__steps=5)
+    result = resume(trained, tokenizer, train__steps=5, optim__lr=0.02, checkpoint__allow_changes="train.steps,optim")
+    assert result.step == 5
+    err = capsys.readouterr().err
+    assert "resume: optim.lr changed from 0.01 to 0.02 (allowed)" in err
+    assert "resume: train.steps changed from 3 to 5 (allowed)" in err
+    saved = json.loads(open(f"{trained.train.output_dir}/run_config.json").read())
+    assert saved["config"]["train"]["steps"] == 5  # the run now records what it continued with
+
+
+def test_changed_data_stream_is_refused(trained, tokenizer):
+    with pytest.raises(Exception, match="seq_len"):
+        resume(trained, tokenizer, data__seq_len=32)
+
+
+def test_a_finished_run_keeps_its_summary(corpus_dir, tmp_path):
+    run = small_run(corpus_dir, tmp_path / "done", train__steps=2, train__eval_every=2, train__eval_batches=1)
+    run = dataclasses.replace(run, sampler=dataclasses.replace(run.sampler, prompt="def f(", max_new_tokens=2))
+    first = pretrain(run)
+    assert first["eval_loss"] is not None
+    again = pretrain(run)
+    assert again == first
+    assert json.loads((tmp_path / "done" / "summary.json").read_text())["eval_loss"] == first["eval_loss"]
