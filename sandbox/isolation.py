@@ -1,14 +1,17 @@
 """Run one command in a fresh bubblewrap sandbox, under limits, and collect what it printed.
 
 Each command gets new user, pid, network, ipc, uts and cgroup namespaces (no network at all: the new
-network namespace holds only a loopback device that nobody listens on), a read-only view of /usr
-plus a short allowlist of /etc, its own /proc and a minimal /dev, a size-capped tmpfs /tmp, and one
-writable host directory, the run's workspace, at /workspace. The host's home, the repository, other
-workspaces and the service's environment variables are not visible (`--clearenv`).
+network namespace holds only a loopback device that nobody listens on), the syscall filter of
+`sandbox.seccomp`, a read-only view of /usr (less the host's /usr/local/etc) plus a short allowlist of
+/etc (passwd, group and hosts are synthetic, copied in by bwrap, so no host path shows in
+/proc/self/mountinfo), its own /proc and a minimal /dev, a size-capped tmpfs /tmp, and the run's
+workspace at /workspace. The host's home, the repository, other workspaces and the service's
+environment variables are not visible (`--clearenv`).
 
 Process chain (one exec chain, one host pid for the service to wait on):
 
-    /bin/sh LAUNCHER  (only with cgroups: joins the run's pids/memory groups, then execs)
+    /bin/bash LAUNCHER  (only with cgroups: waits until the service has moved it into the run's
+                       groups, then execs)
       -> bwrap ...    (sets up namespaces and mounts; pid 1 of the new pid namespace reaps)
         -> prlimit ... -- <program>   (rlimits applied inside, so they bind the program only)
 
@@ -37,20 +40,26 @@ import signal
 import time
 
 from sandbox.api import CommandRunResult, CommandRunStatus
-from sandbox.cgroups import CgroupRoot, RunGroups, RunGroupStats
+from sandbox.cgroups import CgroupSet, RunGroups, RunGroupStats, RunLimits
 from sandbox.hostmounts import Exposures, reachable_by_others
 from sandbox.languages import Toolchain
+from sandbox.seccomp import SeccompUnavailable, bpf_program
 
 SANDBOX_UID = 1000  # the program's uid inside its user namespace
 WORKSPACE = "/workspace"
-# `sh -c LAUNCHER sandbox-launch N procs_1 .. procs_N command...`: join N cgroups, exec the command.
-LAUNCHER = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
+# `bash -c LAUNCHER sandbox-launch command...`: wait for the service's go (one line on fd {gate}, written
+# once the launcher is in its cgroups; end of file means "do not run"), close the fd, exec the command.
+# bash, not sh: dash redirects only single-digit descriptors.
+LAUNCHER_SHELL = "/bin/bash"
+LAUNCHER = 'read -r go <&{gate} || exit 125; exec {gate}<&-; exec "$@"'
 _ETC_ALLOWLIST = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "java-*")
 _ETC_SYNTHETIC = {
     "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}::{WORKSPACE}:/bin/sh\n",
     "group": f"root:x:0:\nsandbox:x:{SANDBOX_UID}:\n",
     "hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
 }
+# Host directories under /usr that are host configuration, not toolchain: hidden behind an empty tmpfs.
+HIDDEN_UNDER_USR = ("/usr/local/etc",)
 _PR_SET_CHILD_SUBREAPER = 36
 _KILL_GRACE_S = 2.0  # how long to wait for pipes to close after the sandbox is dead
 
@@ -62,7 +71,7 @@ class SandboxUnavailable(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Limits of one command. `memory_bytes` bounds the memory cgroup and, when
-    `limit_address_space`, RLIMIT_AS."""
+    `limit_address_space`, RLIMIT_AS. `cpus` and `io_bytes_per_s` bind through cgroups only (0: none)."""
 
     timeout_s: float
     memory_bytes: int
@@ -72,6 +81,8 @@ class Limits:
     file_size_bytes: int
     tmpfs_bytes: int
     output_bytes: int
+    cpus: float = 0.0
+    io_bytes_per_s: int = 0
 
 
 @dataclasses.dataclass
@@ -85,10 +96,11 @@ class Outcome:
 class SandboxHost:
     """What every sandbox on this host shares: the root filesystem layout, tools, cgroup parents."""
 
-    def __init__(self, state_dir: str, cgroup_roots: list[CgroupRoot], cgroup_report: dict[str, str],
-                 toolchains: list[Toolchain], switches_uid: bool):
+    def __init__(self, state_dir: str, cgroups: CgroupSet, toolchains: list[Toolchain], switches_uid: bool,
+                 *, seccomp: bool = True):
         """toolchains: all toolchains sandboxes will bind; switches_uid: sandboxes start as other uids
-        than the service's, so toolchains in private directories must be exposed to them."""
+        than the service's (and the service is in its private mount namespace), so toolchains in
+        private directories must be exposed to them; seccomp: apply `sandbox.seccomp`'s filter."""
         self.bwrap = shutil.which("bwrap")
         self.prlimit = shutil.which("prlimit", path="/usr/bin:/bin")
         if self.bwrap is None:
@@ -97,9 +109,17 @@ class SandboxHost:
         if self.prlimit is None or not os.path.realpath(self.prlimit).startswith("/usr/"):
             raise SandboxUnavailable("`prlimit` (util-linux) is not installed under /usr")
         self.prlimit = os.path.realpath(self.prlimit)
-        self.cgroup_roots = cgroup_roots
-        self.cgroup_report = cgroup_report
-        self.root_args = self._root_filesystem(state_dir)
+        self.cgroups = cgroups
+        self.io_device = _block_device(state_dir)
+        self.root_args = self._root_filesystem()
+        self.seccomp_bpf: bytes | None = None
+        self.seccomp_report = "off (--seccomp=off)"
+        if seccomp:
+            try:
+                self.seccomp_bpf = bpf_program()
+            except SeccompUnavailable as e:
+                raise SandboxUnavailable(f"{e}; install libseccomp2, or start with --seccomp=off") from None
+            self.seccomp_report = f"on ({len(self.seccomp_bpf) // 8} BPF instructions)"
         # host toolchain dir -> the path bwrap binds it from (see `hostmounts`)
         private = sorted({host for toolchain in toolchains for host, _ in toolchain.binds
                           if switches_uid and not reachable_by_others(host)})
@@ -110,8 +130,11 @@ class SandboxHost:
         self.exposures.close()
 
     @staticmethod
-    def _root_filesystem(state_dir: str) -> list[str]:
+    def _root_filesystem() -> list[str]:
         args = ["--ro-bind", "/usr", "/usr"]
+        for hidden in HIDDEN_UNDER_USR:
+            if os.path.isdir(hidden):
+                args += ["--size", "4096", "--perms", "0555", "--tmpfs", hidden, "--remount-ro", hidden]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):  # merged-/usr systems: /bin -> usr/bin
                 args += ["--symlink", os.readlink(top), top]
@@ -120,30 +143,29 @@ class SandboxHost:
         for pattern in _ETC_ALLOWLIST:
             for path in sorted(glob.glob(os.path.join("/etc", pattern))):
                 args += ["--ro-bind", path, path]
-        etc = os.path.join(state_dir, "etc")
-        os.makedirs(etc, exist_ok=True)
-        for name, content in _ETC_SYNTHETIC.items():
-            with open(os.path.join(etc, name), "w") as f:
-                f.write(content)
-            args += ["--ro-bind", os.path.join(etc, name), f"/etc/{name}"]
         return args
 
-    def bwrap_options(self, toolchain: Toolchain, workspace: str, limits: Limits, status_fd: int) -> list[str]:
-        """bwrap's options: namespaces, mounts, environment."""
+    def bwrap_options(self, toolchain: Toolchain, workspace: str, limits: Limits, fds: dict[str, int]) -> list[str]:
+        """bwrap's options: namespaces, mounts, environment. fds: "status" (bwrap's JSON status),
+        "seccomp" (the BPF program) and "/etc/<name>" (synthetic files' content) -> descriptor."""
         paths = [f"{inside}/bin" for _, inside in toolchain.binds] + ["/usr/local/bin", "/usr/bin", "/bin"]
         env = {"PATH": ":".join(paths), "HOME": WORKSPACE, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", **toolchain.env}
         sandbox = [
             "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--clearenv", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", "sandbox", "--json-status-fd", str(status_fd), *self.root_args,
+            "--hostname", "sandbox", "--json-status-fd", str(fds["status"]), *self.root_args,
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(limits.tmpfs_bytes), "--tmpfs", "/dev/shm",
             "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
             "--bind", workspace, WORKSPACE, "--chdir", WORKSPACE,
         ]
+        for name in _ETC_SYNTHETIC:
+            sandbox += ["--ro-bind-data", str(fds[f"/etc/{name}"]), f"/etc/{name}"]
         for host, inside in toolchain.binds:
             sandbox += ["--ro-bind", self.bind_sources.get(host, host), inside]
+        if "seccomp" in fds:
+            sandbox += ["--seccomp", str(fds["seccomp"])]
         sandbox += ["--remount-ro", "/"]  # the root tmpfs bwrap builds the view in: /etc, /opt, / itself
         for name, value in env.items():
             sandbox += ["--setenv", name, value]
@@ -159,6 +181,14 @@ class SandboxHost:
         return [*rlimits, "--", *argv]
 
 
+def _block_device(path: str) -> str | None:
+    """"major:minor" of the block device holding `path` (for I/O limits), None for virtual filesystems."""
+    device = os.stat(path).st_dev
+    if os.major(device) == 0:
+        return None
+    return f"{os.major(device)}:{os.minor(device)}"
+
+
 async def _capture(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, int]:
     """Read `stream` to its end, keeping the first `limit` bytes; returns (kept, total bytes seen).
     Reading past the limit lets the program finish as if its output were consumed."""
@@ -171,10 +201,10 @@ async def _capture(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, int
     return bytes(kept), total
 
 
-def _memfd(name: str, content: str) -> int:
+def _memfd(name: str, content: str | bytes) -> int:
     """An anonymous file holding `content`, positioned at its start."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.write(fd, content.encode("utf-8"))
+    os.write(fd, content.encode("utf-8") if isinstance(content, str) else content)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -298,8 +328,9 @@ async def run_sandboxed(
     uid: host uid to run the sandbox as (None: the service's own). stdin_path: a host file fed to
     the program's stdin (None: /dev/null).
     """
-    groups = RunGroups(host.cgroup_roots, run_id, max_pids=limits.processes, memory_bytes=limits.memory_bytes,
-                       owner_uid=uid) if host.cgroup_roots else None
+    groups = await asyncio.to_thread(host.cgroups.create, run_id, RunLimits(
+        max_pids=limits.processes, memory_bytes=limits.memory_bytes, cpus=limits.cpus,
+        io_bytes_per_s=limits.io_bytes_per_s, io_device=host.io_device))
     stats = RunGroupStats()
     try:
         finished = await _execute(host, argv, toolchain, workspace, limits, stdin_path, groups, uid)
@@ -341,26 +372,48 @@ async def _execute(host: SandboxHost, argv: list[str], toolchain: Toolchain, wor
 async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, workspace: str, limits: Limits,
                  stdin_path: str | None, groups: RunGroups | None, uid: int | None,
                  status: _StatusChannel) -> tuple[asyncio.subprocess.Process, float]:
-    """Start the launcher/bwrap chain; returns the process and its start time."""
+    """Start the launcher/bwrap chain (inside the run's cgroups, if any); returns the process and its
+    start time."""
+    fds = {"status": status.write_fd}
+    fds.update({f"/etc/{name}": _memfd(f"etc-{name}", content) for name, content in _ETC_SYNTHETIC.items()})
+    if host.seccomp_bpf is not None:
+        fds["seccomp"] = _memfd("seccomp-bpf", host.seccomp_bpf)
     # Options travel through a memfd (`--args`), so the sandbox's pid 1 shows no host paths in
     # /proc/1/cmdline; its environment is just PATH.
-    options = _memfd("bwrap-args", "".join(f"{option}\0" for option in
-                                           host.bwrap_options(toolchain, workspace, limits, status.write_fd)))
-    command = [host.bwrap, "--args", str(options), "--", *host.sandboxed_command(argv, limits)]
+    fds["args"] = _memfd("bwrap-args", "".join(f"{option}\0" for option in
+                                               host.bwrap_options(toolchain, workspace, limits, fds)))
+    command = [host.bwrap, "--args", str(fds["args"]), "--", *host.sandboxed_command(argv, limits)]
+    gate_read, gate_write = os.pipe() if groups is not None else (-1, -1)
     if groups is not None:
-        command = ["/bin/sh", "-c", LAUNCHER, "sandbox-launch", str(len(groups.procs_files)), *groups.procs_files, *command]
+        command = [LAUNCHER_SHELL, "-c", LAUNCHER.format(gate=gate_read), "sandbox-launch", *command]
+        fds["gate"] = gate_read
     identity = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
         with open(stdin_path or os.devnull, "rb") as stdin:
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 *command, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(status.write_fd, options), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
+                pass_fds=tuple(fds.values()), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
                 cwd="/", **identity)
-        return proc, started
+    except BaseException:
+        if gate_write >= 0:
+            os.close(gate_write)
+        raise
     finally:
         status.close_write_end()
-        os.close(options)
+        for name, fd in fds.items():
+            if name != "status":
+                os.close(fd)
+    if groups is not None:
+        try:
+            groups.add(proc.pid)
+            os.write(gate_write, b"go\n")
+        except BaseException:
+            os.close(gate_write)  # the launcher reads end of file and exits without running anything
+            await proc.wait()
+            raise
+        os.close(gate_write)
+    return proc, started
 
 
 def _interpret(finished: _Finished, stats: RunGroupStats, limits: Limits) -> Outcome:
@@ -378,13 +431,16 @@ def _interpret(finished: _Finished, stats: RunGroupStats, limits: Limits) -> Out
 
     if finished.timed_out:
         notes.insert(0, f"wall-clock timeout after {limits.timeout_s:g} s: sandbox killed")
-        result = CommandRunResult(CommandRunStatus.TIME_LIMIT_EXCEEDED, finished.elapsed, None, stdout, stderr)
+        result = CommandRunResult(status=CommandRunStatus.TIME_LIMIT_EXCEEDED, execution_time=finished.elapsed,
+                                  stdout=stdout, stderr=stderr)
     elif not finished.sandbox_started:
         # bwrap failed before starting the program: a service-side failure, not the program's.
-        result = CommandRunResult(CommandRunStatus.ERROR, finished.elapsed, finished.return_code, stdout,
-                                  f"sandbox setup failed: {stderr}")
+        result = CommandRunResult(status=CommandRunStatus.ERROR, execution_time=finished.elapsed,
+                                  return_code=finished.return_code, stdout=stdout,
+                                  stderr=f"sandbox setup failed: {stderr}")
     else:
         if (note := _signal_note(finished.return_code)) and not stats.oom_killed:
             notes.append(note)
-        result = CommandRunResult(CommandRunStatus.FINISHED, finished.elapsed, finished.return_code, stdout, stderr)
+        result = CommandRunResult(status=CommandRunStatus.FINISHED, execution_time=finished.elapsed,
+                                  return_code=finished.return_code, stdout=stdout, stderr=stderr)
     return Outcome(result, notes)

@@ -18,14 +18,15 @@ import time
 
 from sandbox.server import READY_PREFIX
 
-_STOP_GRACE_S = 10.0
+_STOP_GRACE_S = 10.0  # beyond the drain: then SIGKILL
 
 
 class LocalSandbox:
-    """flags: extra `sandbox.server` command-line flags as name -> value (`max_queue=4` -> `--max-queue 4`)."""
+    """flags: extra `sandbox.server` command-line flags as name -> value (`max_queue=4` -> `--max-queue 4`).
+    Stopping does not wait for requests in progress unless `drain_timeout_s` is given."""
 
     def __init__(self, *, startup_timeout_s: float = 60.0, env: dict[str, str] | None = None, **flags: object):
-        self.flags = flags
+        self.flags = {"drain_timeout_s": 0, **flags}
         self.env = env
         self.startup_timeout_s = startup_timeout_s
         self.url = ""
@@ -69,7 +70,7 @@ class LocalSandbox:
             if self.proc.poll() is None:
                 self.proc.terminate()
                 try:
-                    self.proc.wait(_STOP_GRACE_S)
+                    self.proc.wait(_STOP_GRACE_S + float(self.flags["drain_timeout_s"]))
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()

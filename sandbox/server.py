@@ -1,15 +1,19 @@
 """The execution service: `python -m sandbox.server --port N [--host H] [--workers W] ...`.
 
-Endpoints (SandboxFusion-compatible where SandboxFusion has one):
+A FastAPI application on uvicorn. Endpoints (SandboxFusion-compatible where SandboxFusion has one):
   POST /run_code   one program; request and response as SandboxFusion's RunCodeRequest/RunCodeResponse
   POST /run_tests  codelm's batch endpoint: one program, compiled once, many stdin/stdout test cases
   GET  /v1/ping    "pong" (SandboxFusion's liveness probe)
-  GET  /health     JSON: languages and their toolchains, isolation features, pool occupancy, limits
+  GET  /health     JSON: languages with their versions, isolation features, pool occupancy, limits
+  GET  /docs       the OpenAPI page (schema at /openapi.json)
 
 Status codes: 200 for every executed request, including programs that fail and service-side
-`SandboxError`s (as SandboxFusion does); 422 with a `detail` naming the bad field (FastAPI's
-validation shape); 503 + `Retry-After` when the queue is full; 400/404/405/411/413 for bad HTTP.
+`SandboxError`s (as SandboxFusion does); 422 with FastAPI's `detail: [{loc, msg, type}]` naming the
+bad field; 503 + `Retry-After` when the queue is full (the program was not run) or too many
+connections are open; 408/413 for a body too slow or too large (see `sandbox.bounds`).
 
+A request whose client disconnects is cancelled, and its sandbox killed. SIGTERM stops accepting
+connections, lets requests in progress finish for `--drain-timeout-s`, then cancels the rest.
 On start it prints `sandbox: listening on http://HOST:PORT` to stdout (with the real port when
 `--port 0`), after a self-test sandbox has run, so launchers can wait for that line.
 """
@@ -18,139 +22,183 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
+import socket
 import sys
 import tempfile
 import traceback
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generator, TypeVar
+
+import fastapi
+import uvicorn
+from fastapi.responses import JSONResponse
 
 from sandbox import config as config_lib
-from sandbox.api import (RequestValidationError, RunCodeRequest, RunCodeResponse, RunStatus, RunTestsRequest,
-                         RunTestsResponse)
-from sandbox.cgroups import CONTROLLERS, CgroupRoot
-from sandbox.executor import Executor, LanguageUnavailable, runs_as_slot_uids
-from sandbox.hostmounts import mount_points
-from sandbox.http11 import MAX_HEADER_BYTES, HttpError, Request, encode_response, json_body, read_request
+from sandbox.api import (
+    RequestValidationError,
+    RunCodeRequest,
+    RunCodeResponse,
+    RunStatus,
+    RunTestsRequest,
+    RunTestsResponse,
+)
+from sandbox.bounds import BodyLimit, head_deadline_protocol
+from sandbox.cgroups import CgroupSet, discover_cgroups
+from sandbox.executor import Executor, LanguageUnavailable, Program, runs_as_slot_uids
+from sandbox.hostmounts import private_mount_namespace
 from sandbox.isolation import Limits, SandboxHost, SandboxUnavailable, adopt_orphans, run_sandboxed
 from sandbox.languages import Registry, Toolchain, discover
 from sandbox.scheduler import Overloaded, WorkerPool
+from sandbox.workspace import remove_tree
 
 log = logging.getLogger("sandbox")
+runs_log = logging.getLogger("sandbox.runs")  # one DEBUG line per executed request, with its X-Request-Id
 READY_PREFIX = "sandbox: listening on "
-_IDLE_CONNECTION_S = 120.0
+REQUEST_ID_HEADER = "X-Request-Id"
 
-Reply = tuple[int, Any, dict[str, str]]
+Response = TypeVar("Response", RunCodeResponse, RunTestsResponse)
 
 
-class App:
-    """Routes requests to the executor through the worker pool."""
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work was cancelled."""
 
-    def __init__(self, config: config_lib.SandboxConfig, registry: Registry, executor: Executor, pool: WorkerPool):
-        self.config = config
-        self.registry = registry
-        self.executor = executor
-        self.pool = pool
-        self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Reply]]] = {
-            ("POST", "/run_code"): self.run_code,
-            ("POST", "/run_tests"): self.run_tests,
-            ("GET", "/v1/ping"): self.ping,
-            ("GET", "/health"): self.health,
-        }
 
-    async def dispatch(self, request: Request) -> Reply:
-        handler = self.routes.get((request.method, request.path))
-        if handler is None:
-            if any(path == request.path for _, path in self.routes):
-                return 405, {"detail": "Method Not Allowed"}, {}
-            return 404, {"detail": "Not Found"}, {}
-        try:
-            return await handler(request)
-        except HttpError as e:
-            return e.status, {"detail": e.message}, {}
-        except RequestValidationError as e:
-            loc = ["body", *e.field.split(".")] if e.field != "body" else ["body"]
-            return 422, {"detail": [{"loc": loc, "msg": e.message, "type": "value_error"}]}, {}
-        except Overloaded as e:
-            return 503, {"detail": f"server busy: {e}; retry later"}, {"Retry-After": "1"}
+@dataclasses.dataclass
+class Service:
+    """What the endpoints need: the configuration, the languages, the executor and the worker pool."""
 
-    async def ping(self, request: Request) -> Reply:
-        return 200, "pong", {}
+    config: config_lib.SandboxConfig
+    registry: Registry
+    executor: Executor
+    pool: WorkerPool
 
-    async def health(self, request: Request) -> Reply:
+    def health(self) -> dict[str, Any]:
         host = self.executor.host
         uids = None
         if self.executor.slot_uid(0) is not None:
             uids = [self.executor.slot_uid(0), self.executor.slot_uid(self.config.workers - 1)]
-        return 200, {
+        return {
             "status": "ok",
             "languages": self.registry.describe(),
             "pool": dataclasses.asdict(self.pool.stats),
-            "isolation": {"bwrap": host.bwrap, "cgroups": host.cgroup_report, "slot_uids": uids,
-                          "work_root": self.executor.work_root},
+            "isolation": {"bwrap": host.bwrap, "seccomp": host.seccomp_report, "cgroups": host.cgroups.report,
+                          "cgroup_version": host.cgroups.version, "slot_uids": uids,
+                          "work_root": self.executor.work_root, "workspace": self.executor.workspace_kind},
             "limits": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("host", "port")},
-        }, {}
+        }
 
-    async def run_code(self, request: Request) -> Reply:
-        run = RunCodeRequest.from_json(request.json())
-        return 200, (await self._execute(run, self.executor.run_code, RunCodeResponse)).to_json(), {}
-
-    async def run_tests(self, request: Request) -> Reply:
-        run = RunTestsRequest.from_json(request.json())
-        return 200, (await self._execute(run, self.executor.run_tests, RunTestsResponse)).to_json(), {}
-
-    async def _execute(self, run: Any, execute: Callable[..., Awaitable[Any]], response_type: type) -> Any:
+    async def execute(self, run: RunCodeRequest | RunTestsRequest, request_id: str,
+                      execute: Callable[[Any, Program, int], Awaitable[Response]],
+                      response_type: type[Response]) -> Response:
         try:
-            program = self.executor.prepare(run)
+            program = await asyncio.to_thread(self.executor.prepare, run)
         except LanguageUnavailable as e:
-            return response_type(RunStatus.SANDBOX_ERROR, str(e))
+            return response_type(status=RunStatus.SANDBOX_ERROR, message=str(e))
         async with self.pool.slot() as slot:
+            runs_log.debug("run %s started in slot %d", request_id, slot)
             try:
                 return await execute(run, program, slot)
             except Exception as e:  # a service fault: report it as SandboxFusion does, keep serving
                 log.error("execution failed: %s", traceback.format_exc())
-                return response_type(RunStatus.SANDBOX_ERROR, f"sandbox error: {type(e).__name__}: {e}")
+                return response_type(status=RunStatus.SANDBOX_ERROR, message=f"sandbox error: {type(e).__name__}: {e}")
+            finally:
+                runs_log.debug("run %s ended", request_id)
 
 
-async def _serve_connection(app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _until_disconnected(request: fastapi.Request) -> None:
+    """Returns when the client closes its connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+T = TypeVar("T")
+
+
+async def unless_disconnected(request: fastapi.Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
-        while True:
-            try:
-                request = await asyncio.wait_for(read_request(reader, app.config.max_request_bytes), _IDLE_CONNECTION_S)
-            except asyncio.TimeoutError:
-                return
-            except HttpError as e:
-                writer.write(encode_response(e.status, json_body({"detail": e.message}), keep_alive=False))
-                await writer.drain()
-                return
-            if request is None:
-                return
-            status, payload, headers = await app.dispatch(request)
-            writer.write(encode_response(status, json_body(payload), keep_alive=request.keep_alive, extra_headers=headers))
-            await writer.drain()
-            if not request.keep_alive:
-                return
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass  # the client went away; nothing to answer
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        writer.close()
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
-def _cgroup_roots(config: config_lib.SandboxConfig, service_id: str) -> tuple[list[CgroupRoot], dict[str, str]]:
-    roots, report = [], {}
-    for controller in CONTROLLERS:
-        if config.cgroups == "off":
-            report[controller] = "disabled by --cgroups=off"
-            continue
-        root, reason = CgroupRoot.discover(controller, service_id)
-        report[controller] = reason
-        if root is not None:
-            roots.append(root)
-    return roots, report
+def create_app(service: Service) -> fastapi.FastAPI:
+    """The FastAPI application: routes, error shapes, and the body-size/body-time bound."""
+    app = fastapi.FastAPI(title="codelm sandbox", summary="SandboxFusion-compatible code execution",
+                          version="2", openapi_url="/openapi.json")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_field(request: fastapi.Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": error.detail()}, status_code=422)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: fastapi.Request, error: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: fastapi.Request, error: ClientGone) -> fastapi.Response:
+        return fastapi.Response(status_code=499)  # nobody reads it; uvicorn drops it
+
+    @app.get("/v1/ping")
+    async def ping() -> str:
+        return "pong"
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.post("/run_code", response_model=RunCodeResponse)
+    async def run_code(body: RunCodeRequest, request: fastapi.Request,
+                       response: fastapi.Response) -> RunCodeResponse:
+        request_id = _request_id(request, response)
+        return await unless_disconnected(
+            request, service.execute(body, request_id, service.executor.run_code, RunCodeResponse))
+
+    @app.post("/run_tests", response_model=RunTestsResponse)
+    async def run_tests(body: RunTestsRequest, request: fastapi.Request,
+                        response: fastapi.Response) -> RunTestsResponse:
+        request_id = _request_id(request, response)
+        return await unless_disconnected(
+            request, service.execute(body, request_id, service.executor.run_tests, RunTestsResponse))
+
+    app.add_middleware(BodyLimit, max_bytes=service.config.max_request_bytes, timeout_s=service.config.body_timeout_s)
+    return app
+
+
+def _request_id(request: fastapi.Request, response: fastapi.Response) -> str:
+    request_id = request.headers.get(REQUEST_ID_HEADER, "-")[:128]
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return request_id
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with signals left to `serve` (which must clean up after it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn_config(app: fastapi.FastAPI, config: config_lib.SandboxConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, http=head_deadline_protocol(config.header_timeout_s), lifespan="off", access_log=False,
+        log_config=None, server_header=False, limit_concurrency=config.max_connections,
+        backlog=config.max_connections, timeout_keep_alive=int(config.keepalive_timeout_s),
+        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        h11_max_incomplete_event_size=config.max_header_bytes)
 
 
 async def _self_test(host: SandboxHost, state_dir: str, uid: int | None) -> None:
@@ -165,7 +213,7 @@ async def _self_test(host: SandboxHost, state_dir: str, uid: int | None) -> None
         outcome = await run_sandboxed(host, ["/usr/bin/true"], toolchain=Toolchain(tools={}), workspace=workspace,
                                       limits=limits, stdin_path=None, run_id="self-test", uid=uid)
     finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+        remove_tree(workspace)
     if not outcome.result.succeeded:
         raise SandboxUnavailable(f"self-test sandbox failed ({outcome.result.status.value}, "
                                  f"exit {outcome.result.return_code}): {outcome.result.stderr}")
@@ -178,58 +226,60 @@ async def serve(config: config_lib.SandboxConfig, ready: Callable[[str, int], No
     os.makedirs(state_dir, mode=0o711)
     os.chmod(state_dir, 0o711)
     adopt_orphans()
-    roots, report = _cgroup_roots(config, service_id)
-    connections: set[asyncio.Task] = set()
+    if runs_as_slot_uids():
+        private_mount_namespace()  # before any thread starts; per-run tmpfs and exposures live in it
+    cgroups = CgroupSet.disabled("disabled by --cgroups=off") if config.cgroups == "off" else \
+        discover_cgroups(service_id)
     host = None
     try:
         registry = discover(config)
         toolchains = [runtime.toolchain for runtime in registry.runtimes.values()]
-        host = SandboxHost(state_dir, roots, report, toolchains, runs_as_slot_uids())
+        host = SandboxHost(state_dir, cgroups, toolchains, runs_as_slot_uids(), seccomp=config.seccomp == "on")
         executor = Executor(config, registry, host, state_dir)
         await _self_test(host, state_dir, executor.slot_uid(0))
-        app = App(config, registry, executor, WorkerPool(config.workers, config.max_queue))
+        service = Service(config, registry, executor, WorkerPool(config.workers, config.max_queue))
         log.info("languages: %s", json.dumps(registry.describe()))
-        log.info("isolation: bwrap=%s cgroups=%s workers=%d queue=%d", host.bwrap, report, config.workers, config.max_queue)
-
-        def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.create_task(_serve_connection(app, reader, writer))
-            connections.add(task)
-            task.add_done_callback(connections.discard)
-
-        server = await asyncio.start_server(on_connection, config.host, config.port, limit=MAX_HEADER_BYTES,
-                                            backlog=1024)
-        port = server.sockets[0].getsockname()[1]
-        if ready is not None:
-            ready(config.host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-            server.close()
-            for task in list(connections):  # cancelling a request kills its sandbox
-                task.cancel()
-            await asyncio.gather(*connections, return_exceptions=True)
-            await server.wait_closed()
+        log.info("isolation: bwrap=%s seccomp=%s cgroups v%s %s workspace=%s workers=%d queue=%d", host.bwrap,
+                 host.seccomp_report, cgroups.version, cgroups.report, executor.workspace_kind, config.workers,
+                 config.max_queue)
+        await _run_server(create_app(service), config, ready)
     finally:
-        for root in roots:
-            root.remove()
+        cgroups.remove()
         if host is not None:
             host.close()
-        _remove_state_dir(state_dir)
+        remove_tree(state_dir, refuse_mounts=True)
 
 
-def _remove_state_dir(path: str) -> None:
-    """Delete the service's state directory, refusing to cross into anything still mounted there
-    (a toolchain exposure that failed to unmount must never be deleted through)."""
-    mounted = [point for point in mount_points() if point.startswith(path.rstrip("/") + "/")]
-    if mounted:
-        raise RuntimeError(f"not removing {path}: {mounted} still mounted inside")
-    shutil.rmtree(path)
+async def _run_server(app: fastapi.FastAPI, config: config_lib.SandboxConfig,
+                      ready: Callable[[str, int], None] | None) -> None:
+    """Serve until a signal; then drain, cancel what is left and wait until every request is gone."""
+    listener = socket.create_server((config.host, config.port), backlog=config.max_connections,
+                                    family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    server = _Server(_uvicorn_config(app, config))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.force_exit = server.should_exit  # a second signal skips the drain
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started and ready is not None:
+            ready(config.host, listener.getsockname()[1])
+        await asyncio.shield(serving)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        # Requests cancelled after the drain: their sandboxes are killed and their workspaces removed
+        # before the state directory goes.
+        await asyncio.gather(*server.server_state.tasks, return_exceptions=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        listener.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,15 +1,20 @@
-"""Bounded queue and the client's retries, batching, SandboxFusion fallback and HTTP parsing."""
+"""Bounded queue and the client's retry policy, endpoint spreading, batching and SandboxFusion fallback."""
 
 import asyncio
+import contextlib
 import socket
 import time
 
+import fastapi
+import httpx
 import pytest
+import uvicorn
 
-from sandbox.api import RunCodeRequest, RunStatus, RunTestsRequest, TestCase
-from sandbox.client import RetryPolicy, SandboxClient, SandboxClientError
-from sandbox.http11 import encode_response, json_body, read_request, read_response
+from sandbox.api import RunCodeRequest, RunCodeResponse, RunStatus, RunTestsRequest, TestCase
+from sandbox.client import SandboxClient, SandboxClientError
+from sandbox.endpoints import EndpointPool
 from sandbox.local import LocalSandbox
+from sandbox.retry import RetryPolicy
 
 SLEEP = RunCodeRequest(code="import time\ntime.sleep(2.5)\nprint('slept')", language="python")
 
@@ -76,7 +81,7 @@ def test_unreachable_service_gives_up_after_the_retry_budget():
             assert await client.ping() is False
             await client.run_code(RunCodeRequest(code="print(1)", language="python"))
 
-    with pytest.raises(SandboxClientError, match="gave up after 3 attempts; last: ConnectionRefusedError"):
+    with pytest.raises(SandboxClientError, match="gave up after 3 attempts; last: ConnectError"):
         asyncio.run(scenario())
 
 
@@ -90,38 +95,39 @@ def test_validation_errors_are_not_retried(service):
     assert error.value.status == 422 and error.value.detail[0]["loc"] == ["body", "run_timeout"]
 
 
+@contextlib.asynccontextmanager
 async def _sandboxfusion_like_proxy(upstream: str):
     """A server with only SandboxFusion's endpoints: /run_code forwarded upstream, anything else 404."""
+    app = fastapi.FastAPI()
     client = SandboxClient(upstream)
 
-    async def handle(reader, writer):
-        while (request := await read_request(reader, 1 << 20)) is not None:
-            if request.path == "/run_code":
-                response = await client.run_code(RunCodeRequest.from_json(request.json()))
-                writer.write(encode_response(200, json_body(response.to_json()), keep_alive=True))
-            else:
-                writer.write(encode_response(404, json_body({"detail": "Not Found"}), keep_alive=True))
-            await writer.drain()
-        writer.close()
+    @app.post("/run_code")
+    async def run_code(request: RunCodeRequest) -> RunCodeResponse:
+        return await client.run_code(request)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, client
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        await client.close()
 
 
 def test_run_tests_falls_back_to_run_code_on_sandboxfusion(service):
     code = "n = int(input())\nassert n >= 0\nprint(n + 1)\n"
-    request = RunTestsRequest(code=code, language="python",
-                              test_cases=[TestCase("1", "2"), TestCase("5", "7"), TestCase("-1", "0"), TestCase("0", "1  \n")])
+    cases = [TestCase(stdin="1", expected_stdout="2"), TestCase(stdin="5", expected_stdout="7"),
+             TestCase(stdin="-1", expected_stdout="0"), TestCase(stdin="0", expected_stdout="1  \n")]
+    request = RunTestsRequest(code=code, language="python", test_cases=cases)
 
     async def scenario():
-        server, upstream = await _sandboxfusion_like_proxy(service.url)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with SandboxClient(f"http://127.0.0.1:{port}") as fusion, SandboxClient(service.url) as native:
+        async with _sandboxfusion_like_proxy(service.url) as fusion_url:
+            async with SandboxClient(fusion_url) as fusion, SandboxClient(service.url) as native:
                 return await fusion.run_tests(request), await native.run_tests(request)
-        finally:
-            server.close()
-            await upstream.close()
 
     emulated, native = asyncio.run(scenario())
     assert [r.passed for r in emulated.test_results] == [r.passed for r in native.test_results] == [True, False, False, True]
@@ -129,13 +135,79 @@ def test_run_tests_falls_back_to_run_code_on_sandboxfusion(service):
     assert emulated.test_results[2].run_result.return_code == native.test_results[2].run_result.return_code == 1
 
 
-def test_chunked_responses_are_read():
-    async def parse():
-        reader = asyncio.StreamReader()
-        reader.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"4\r\n{\"a\"\r\n5;ext=1\r\n: 12}\r\n0\r\nTrailer: x\r\n\r\n")
-        reader.feed_eof()
-        return await read_response(reader)
+# -- the retry policy, against scripted transports ---------------------------------------------------
 
-    response, reusable = asyncio.run(parse())
-    assert response.status == 200 and response.json() == {"a": 12} and reusable
+OK_BODY = {"status": "Success", "message": "", "compile_result": None, "run_result": None, "files": {}}
+
+
+def scripted(script):
+    """An httpx transport answering each request with the next step of `script[host]`: an exception
+    class to raise, or a status code. Records (host, request id) per attempt."""
+    attempts = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        attempts.append((request.url.host, request.headers["X-Request-Id"]))
+        step = script[request.url.host].pop(0)
+        if isinstance(step, type):
+            raise step("scripted", request=request)
+        headers = {"Retry-After": "0"} if step == 503 else {}
+        return httpx.Response(step, json=OK_BODY if step == 200 else {"detail": "scripted"}, headers=headers)
+
+    return httpx.MockTransport(handle), attempts
+
+
+def call(urls, transport, times=1):
+    async def scenario():
+        async with SandboxClient(urls, transport=transport, retry=RetryPolicy(base_delay_s=0.001)) as client:
+            return [await client.run_code(RunCodeRequest(code="print(1)", language="python")) for _ in range(times)]
+    return asyncio.run(scenario())[-1]
+
+
+def test_refused_connection_and_503_are_retried_with_one_request_id():
+    transport, attempts = scripted({"a": [httpx.ConnectError, 503, 200]})
+    assert call("http://a", transport).status == RunStatus.SUCCESS
+    assert len(attempts) == 3 and len({request_id for _, request_id in attempts}) == 1
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout])
+def test_failures_after_sending_are_never_retried(error):
+    transport, attempts = scripted({"a": [error, 200], "b": [200]})
+    with pytest.raises(SandboxClientError) as failure:
+        call(["http://a", "http://b"], transport)
+    assert failure.value.may_have_run and len(attempts) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_server_errors_that_may_follow_a_run_are_not_retried(status):
+    transport, attempts = scripted({"a": [status, 200]})
+    with pytest.raises(SandboxClientError) as failure:
+        call("http://a", transport)
+    assert failure.value.status == status and len(attempts) == 1
+
+
+def test_a_refusing_endpoint_is_skipped_during_its_cooldown():
+    transport, attempts = scripted({"a": [httpx.ConnectError], "b": [200] * 4})
+    assert call(["http://a", "http://b"], transport, times=4).status == RunStatus.SUCCESS
+    assert [host for host, _ in attempts] == ["a", "b", "b", "b", "b"]
+
+
+def test_deadline_bounds_the_retries():
+    transport, attempts = scripted({"a": [503] * 1000})
+    started = time.monotonic()
+    with pytest.raises(SandboxClientError, match="gave up"):
+        asyncio.run(_with_deadline(transport))
+    assert time.monotonic() - started < 2.0 and len(attempts) < 1000
+
+
+async def _with_deadline(transport):
+    policy = RetryPolicy(max_attempts=1000, base_delay_s=0.01, max_delay_s=0.05, deadline_s=0.5)
+    async with SandboxClient("http://a", transport=transport, retry=policy) as client:
+        await client.run_code(RunCodeRequest(code="", language="python"))
+
+
+def test_spreads_load_over_endpoints():
+    endpoints = EndpointPool(["http://a", "http://b", "http://c"])
+    busy = endpoints.pick()
+    busy.in_flight = 5
+    picked = {endpoints.pick().url for _ in range(10)}
+    assert picked == {"http://a", "http://b", "http://c"} - {busy.url}

@@ -70,7 +70,8 @@ def test_exit_code_is_reported(run, languages, language):
 def test_batch_compiles_once_and_judges_each_case(run, languages):
     require(languages, "cpp")
     code = "#include <cstdio>\nint main() { long a, b; std::scanf(\"%ld %ld\", &a, &b); std::printf(\"%ld\\n\", a + b); }\n"
-    cases = [TestCase("1 2", "3"), TestCase("10 20\n", "30\n"), TestCase("2 2", "5"), TestCase("-1 1", "0")]
+    cases = [TestCase(stdin="1 2", expected_stdout="3"), TestCase(stdin="10 20\n", expected_stdout="30\n"),
+             TestCase(stdin="2 2", expected_stdout="5"), TestCase(stdin="-1 1", expected_stdout="0")]
     response = run(lambda client: client.run_tests(RunTestsRequest(code=code, language="cpp", test_cases=cases,
                                                                    compile_timeout=60)))
     assert response.compile_result.succeeded
@@ -81,7 +82,7 @@ def test_batch_compiles_once_and_judges_each_case(run, languages):
 
 def test_batch_stops_on_first_failure_when_asked(run):
     code = "n = int(input())\nassert n != 2\nprint(n * n)\n"
-    cases = [TestCase(str(n), str(n * n)) for n in (1, 2, 3)]
+    cases = [TestCase(stdin=str(n), expected_stdout=str(n * n)) for n in (1, 2, 3)]
     response = run(lambda client: client.run_tests(RunTestsRequest(code=code, language="python", test_cases=cases,
                                                                    stop_on_first_failure=True)))
     assert [r.passed for r in response.test_results] == [True, False, False]
@@ -90,7 +91,7 @@ def test_batch_stops_on_first_failure_when_asked(run):
 
 def test_batch_reports_timeouts_per_case(run):
     code = "import time\nn = int(input())\ntime.sleep(n)\nprint('done')\n"
-    cases = [TestCase("0", "done"), TestCase("30", "done")]
+    cases = [TestCase(stdin="0", expected_stdout="done"), TestCase(stdin="30", expected_stdout="done")]
     response = run(lambda client: client.run_tests(RunTestsRequest(code=code, language="python", test_cases=cases,
                                                                    run_timeout=1)))
     first, second = response.test_results
@@ -102,7 +103,7 @@ def test_batch_reports_timeouts_per_case(run):
 def test_batch_with_compile_error_runs_no_case(run, languages):
     require(languages, "cpp")
     response = run(lambda client: client.run_tests(RunTestsRequest(code="int main( {", language="cpp",
-                                                                   test_cases=[TestCase("1"), TestCase("2")])))
+                                                                   test_cases=[TestCase(stdin="1"), TestCase(stdin="2")])))
     assert response.status == RunStatus.FAILED and not response.compile_result.succeeded
     assert [(r.passed, r.run_result) for r in response.test_results] == [(False, None), (False, None)]
 
