@@ -1,47 +1,83 @@
-"""Generate text from a checkpoint on the command line.
+"""Generate text from a checkpoint on the command line (see configs/generate.py for every field).
 
-    python -m models.generate --checkpoint=path/to/hf_dir --prompt="def fib(n):" --max_new_tokens=64
-    python -m models.generate --checkpoint=path/to/hf_dir --prompts_file=prompts.jsonl --output=out.jsonl \
-        --temperature=0.8 --top_p=0.95 --mesh=fsdp:-1
+    python -m models.generate --config.checkpoint=path/to/hf_dir --config.prompts.text="def fib(n):"
+    python -m models.generate --config.checkpoint=runs/quickstart --config.prompts.file=prompts.jsonl \
+        --config.output.path=out.jsonl --config.output.format=jsonl --config.sampler.temperature=0.8
 
---checkpoint: a Hugging Face directory (config.json + safetensors, tokenizer.json beside them), or a
+checkpoint: a Hugging Face directory (config.json + safetensors, tokenizer.json beside them), or a
 codelm training run directory (run_config.json; its latest checkpoint, see
-`models.pretrained.load_trained_model`).
---prompt (repeatable), or --prompts_file: a `.jsonl` file with one prompt per line, each a JSON string,
-{"prompt": str} or {"messages": [{"role", "content"}, ...]} (rendered with the chat template); any
-other file is read whole as one prompt. --chat renders plain prompts as one user message.
-Output: the completions as text, or JSON lines with --format=jsonl (tokens, log-probabilities,
-finish reasons). Throughput goes to stderr.
+`models.pretrained.load_trained_model`). Prompts: `prompts.text`, and/or `prompts.file`, a `.jsonl`
+file with one prompt per line, each a JSON string, {"prompt": str} or {"messages": [{"role",
+"content"}, ...]} (rendered with the chat template); any other file is read whole as one prompt.
+`prompts.chat` renders plain prompts as one user message. Output: the completions as text, or JSON
+lines with output.format=jsonl (tokens, log-probabilities, finish reasons). Throughput goes to stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from configs.sharding_rules import RULE_SETS
+from ml_collections import ConfigDict
+from pydantic import Field
+
+from configs import cli
+from configs.schema import ConfigError, parse, section
 from models.pretrained import is_run_dir, load_pretrained
-from models.sampler import Sampler, SampleOutput
-from models.sharding import make_mesh
+from models.sampler import Sampler, SampleOutput, SamplerConfig
+from models.sharding import MeshConfig
+
+_CONFIG = cli.define_config("configs/generate.py")
+
+
+@section
+class PromptsConfig:
+    text: str = ""
+    file: str = ""
+    chat: bool = False
+    system: str = ""
+
+
+@section
+class GenerateSamplerConfig(SamplerConfig):
+    stop: str = ""  # comma-separated stop strings
+    seed: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(ge=1)] = 32
+
+
+@section
+class ModelOverrides:
+    dtype: str = ""
+    param_dtype: str = ""
+
+
+@section
+class OutputConfig:
+    path: str = ""
+    format: Literal["text", "jsonl"] = "text"
+
+
+@section
+class GenerateConfig:
+    checkpoint: Annotated[str, Field(min_length=1)]
+    prompts: PromptsConfig = PromptsConfig()
+    sampler: GenerateSamplerConfig = GenerateSamplerConfig()
+    mesh: MeshConfig = MeshConfig()
+    model: ModelOverrides = ModelOverrides()
+    output: OutputConfig = OutputConfig()
+
+
+def load_config(cfg: ConfigDict) -> GenerateConfig:
+    config = parse(GenerateConfig, cfg.to_dict())
+    if not config.prompts.text and not config.prompts.file:
+        raise ConfigError("prompts: give prompts.text or prompts.file")
+    return config
+
 
 Prompt = str | list[dict[str, Any]]  # text, or chat messages
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    """"fsdp:-1,tensor:2" -> {"fsdp": -1, "tensor": 2}."""
-    shape = {}
-    for part in filter(None, spec.split(",")):
-        axis, _, size = part.partition(":")
-        try:
-            shape[axis.strip()] = int(size)
-        except ValueError:
-            raise ValueError(f"--mesh: expected axis:size pairs like 'fsdp:-1,tensor:2', got {part!r}") from None
-    return shape
 
 
 def read_prompts_file(path: Path) -> list[Prompt]:
@@ -66,27 +102,29 @@ def read_prompts_file(path: Path) -> list[Prompt]:
     return prompts
 
 
-def load(checkpoint: Path, mesh_spec: str, rules_name: str, overrides: dict[str, Any]) -> tuple[Sampler, Any]:
+def load(config: GenerateConfig) -> tuple[Sampler, Any]:
     """(sampler, tokenizer) for a codelm training run directory or a Hugging Face checkpoint directory."""
-    mesh = make_mesh(parse_mesh(mesh_spec)) if mesh_spec else None
-    rules = RULE_SETS[rules_name]
+    overrides = {"remat": "none", **{k: v for k, v in vars(config.model).items() if v}}
+    checkpoint = Path(config.checkpoint)
     if is_run_dir(checkpoint) and overrides.keys() - {"remat"}:
-        raise SystemExit(f"--checkpoint={checkpoint}: --dtype / --param_dtype apply to Hugging Face checkpoints only")
+        raise ConfigError("model: dtype / param_dtype overrides apply to Hugging Face checkpoints only")
+    mesh = config.mesh.make()
     try:
-        model, tokenizer = load_pretrained(checkpoint, mesh=mesh, rules=rules, **overrides)
+        model, tokenizer = load_pretrained(checkpoint, mesh=mesh, rules=config.mesh.rule_set, **overrides)
     except FileNotFoundError as e:
-        raise SystemExit(f"--checkpoint={checkpoint}: {e}") from None
-    return Sampler(model, tokenizer, mesh=mesh, rules=rules), tokenizer
+        raise ConfigError(f"checkpoint: {e}") from None
+    max_len = min(config.sampler.max_len, model.cfg.max_seq_len)
+    return Sampler(model, tokenizer, mesh=mesh, rules=config.mesh.rule_set, max_len=max_len), tokenizer
 
 
-def to_token_prompts(prompts: Sequence[Prompt], tokenizer: Any, chat: bool, system: str | None) -> list[str | list[int]]:
+def to_token_prompts(prompts: Sequence[Prompt], tokenizer: Any, chat: bool, system: str) -> list[str | list[int]]:
     """Chat prompts become template-rendered ids; plain ones stay text (encoded by the sampler)."""
     out: list[str | list[int]] = []
     for prompt in prompts:
         if isinstance(prompt, str) and chat:
             prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         if not isinstance(prompt, str) and not getattr(tokenizer, "has_chat_template", False):
-            raise SystemExit(f"chat prompts need a tokenizer with a chat template; {tokenizer!r} has none")
+            raise ConfigError(f"prompts: chat prompts need a tokenizer with a chat template; {tokenizer!r} has none")
         out.append(prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt))
     return out
 
@@ -105,47 +143,23 @@ def write_results(prompts: Sequence[Prompt], output: SampleOutput, fmt: str, str
             stream.write((output.texts[i] if output.texts else "") + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts_file", type=Path, help=".jsonl with one prompt per line, or a file holding one prompt")
-    parser.add_argument("--chat", action="store_true", help="render plain prompts as a user turn of the chat template")
-    parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--mesh", default="", help="e.g. 'fsdp:-1' or 'fsdp:4,tensor:2'; default one device")
-    parser.add_argument("--rules", default="default", choices=sorted(RULE_SETS))
-    parser.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
-    parser.add_argument("--param_dtype", help="parameter dtype override (default: the checkpoint's)")
-    parser.add_argument("--format", choices=("text", "jsonl"), default="text")
-    parser.add_argument("--output", type=Path, help="write results here instead of stdout")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-
-    prompts: list[Prompt] = list(args.prompt)
-    if args.prompts_file:
-        prompts += read_prompts_file(args.prompts_file)
-    if not prompts:
-        parser.error("give --prompt or --prompts_file")
-    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype)) if v}
-    sampler, tokenizer = load(args.checkpoint, args.mesh, args.rules, {"remat": "none", **overrides})
-    token_prompts = to_token_prompts(prompts, tokenizer, args.chat, args.system)
-
-    stream = open(args.output, "w") if args.output else sys.stdout
+def generate(config: GenerateConfig) -> None:
+    prompts: list[Prompt] = [config.prompts.text] if config.prompts.text else []
+    if config.prompts.file:
+        prompts += read_prompts_file(Path(config.prompts.file))
+    sampler, tokenizer = load(config)
+    token_prompts = to_token_prompts(prompts, tokenizer, config.prompts.chat, config.prompts.system)
+    params = config.sampler
+    stop = [s for s in params.stop.split(",") if s]
+    stream = open(config.output.path, "w") if config.output.path else sys.stdout
     try:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = slice(start, start + args.batch_size)
+        for start in range(0, len(prompts), params.batch_size):
+            batch = slice(start, start + params.batch_size)
             output = sampler.generate(
-                token_prompts[batch], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, stop=args.stop, seed=args.seed + start,
+                token_prompts[batch], params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                top_p=params.top_p, stop=stop, seed=params.seed + start,
             )
-            write_results(prompts[batch], output, args.format, stream)
+            write_results(prompts[batch], output, config.output.format, stream)
             t = output.timing
             print(
                 f"[{start + len(prompts[batch])}/{len(prompts)}] prefill {t['prompt_tokens'] / t['prefill_seconds']:.0f} tok/s, "
@@ -153,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 file=sys.stderr,
             )
     finally:
-        if args.output:
+        if config.output.path:
             stream.close()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(generate, _CONFIG, load_config)

@@ -7,6 +7,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from configs import generate as generate_config  # noqa: E402
+from configs.schema import ConfigError  # noqa: E402
 from data.hf_tokenizer import HFTokenizer  # noqa: E402
 from models import generate  # noqa: E402
 from models.hf import load_hf_checkpoint, reference  # noqa: E402
@@ -25,12 +27,25 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
+def run_generate(**fields):
+    """`python -m models.generate` with `--config.<section>.<field>=value` for each section__field."""
+    cfg = generate_config.get_config()
+    for key, value in fields.items():
+        node = cfg
+        *path, name = key.split("__")
+        for part in path:
+            node = node[part]
+        node[name] = value
+    generate.generate(generate.load_config(cfg))
+
+
 def test_cli_matches_sampler_api(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join([json.dumps("def add(a, b):"), json.dumps({"messages": MESSAGES}), ""]))
     out = tmp_path / "out.jsonl"
-    generate.main([f"--checkpoint={checkpoint}", "--prompt=import os", f"--prompts_file={prompts}",
-                   "--max_new_tokens=5", "--format=jsonl", f"--output={out}", "--mesh=fsdp:4,tensor:2"])
+    run_generate(checkpoint=str(checkpoint), prompts__text="import os", prompts__file=str(prompts),
+                 sampler__max_new_tokens=5, output__format="jsonl", output__path=str(out), mesh__ici__fsdp=4,
+                 mesh__ici__tensor=2)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["import os", "def add(a, b):", MESSAGES]
 
@@ -43,14 +58,16 @@ def test_cli_matches_sampler_api(checkpoint, tmp_path):
 
 
 def test_cli_errors(checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="neither a codelm training run"):
-        generate.main([f"--checkpoint={tmp_path}", "--prompt=x"])
+    with pytest.raises(ConfigError, match="checkpoint: .* neither a codelm training run"):
+        run_generate(checkpoint=str(tmp_path), prompts__text="x")
+    with pytest.raises(ConfigError, match="prompts: give prompts.text or prompts.file"):
+        run_generate(checkpoint=str(checkpoint))
+    with pytest.raises(ConfigError, match="no field 'mesh.ici.fdsp'; did you mean 'mesh.ici.fsdp'"):
+        run_generate(checkpoint=str(checkpoint), prompts__text="x", mesh__ici__fdsp=2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"ok"\n{"text": 1}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected a JSON string"):
-        generate.main([f"--checkpoint={checkpoint}", f"--prompts_file={bad}"])
-    with pytest.raises(ValueError, match="--mesh: expected axis:size pairs"):
-        generate.parse_mesh("fsdp=2")
+        run_generate(checkpoint=str(checkpoint), prompts__file=str(bad))
 
 
 @pytest.mark.slow
@@ -58,8 +75,8 @@ def test_cli_samples_from_a_codelm_training_run(corpus_dir, tokenizer, tmp_path)
     run = small_run(corpus_dir, tmp_path / "run", train__steps=2)
     train(run, make_task(run, tokenizer))
     out = tmp_path / "out.jsonl"
-    generate.main([f"--checkpoint={tmp_path / 'run'}", "--prompt=def add(a, b):", "--max_new_tokens=6",
-                   "--format=jsonl", f"--output={out}"])
+    run_generate(checkpoint=str(tmp_path / "run"), prompts__text="def add(a, b):", sampler__max_new_tokens=6,
+                 output__format="jsonl", output__path=str(out))
     record = json.loads(out.read_text())
     model, run_tokenizer = load_trained_model(tmp_path / "run")
     assert record["tokens"] == Sampler(model, run_tokenizer).generate(["def add(a, b):"], 6).tokens[0]
