@@ -1,6 +1,12 @@
 """Host-side checks that nothing a sandboxed program started is still around."""
 
+import json
 import os
+import textwrap
+import urllib.error
+import urllib.request
+
+from sandbox.api import RunCodeRequest
 
 CANARY_ENV = "CODELM_SANDBOX_TEST_CANARY"  # set in the test service's environment, never in a sandbox's
 CANARY_VALUE = "canary-7f3a9c"
@@ -51,3 +57,23 @@ def leftovers(service_pid: int, health: dict) -> dict[str, list]:
     workspaces = [d for d in os.listdir(work_root) if d.startswith("run-")]
     return {"processes": sandbox_processes(service_pid, isolation["slot_uids"]), "cgroups": groups,
             "workspaces": workspaces}
+
+
+def python(code: str, **fields) -> RunCodeRequest:
+    return RunCodeRequest(code=textwrap.dedent(code), language="python", **fields)
+
+
+def report(response) -> dict:
+    """The JSON a probe program printed as its last stdout line."""
+    return json.loads(response.run_result.stdout.strip().splitlines()[-1])
+
+
+def post(service, path: str, body: bytes | dict, method: str = "POST") -> tuple[int, object]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(service.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -3,24 +3,13 @@ HTTP errors, and the ping/health endpoints. Raw HTTP through urllib, as a foreig
 
 import base64
 import json
-import urllib.error
 import urllib.request
 
 import pydantic
 import pytest
 
 from sandbox.api import OutputMatch, RequestValidationError, RunCodeRequest, RunTestsRequest, stdout_matches
-
-
-def post(service, path: str, body: bytes | dict, method: str = "POST") -> tuple[int, object]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(service.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+from tests.sandbox.helpers import post
 
 
 def test_response_has_sandboxfusion_fields(service):

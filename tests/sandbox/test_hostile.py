@@ -5,42 +5,14 @@ import asyncio
 import json
 import os
 import socket
-import textwrap
 import time
 
 import pytest
 
 from sandbox.api import CommandRunStatus, RunCodeRequest, RunStatus
-from tests.sandbox.helpers import CANARY_ENV, CANARY_VALUE, leftovers
+from tests.sandbox.helpers import CANARY_ENV, CANARY_VALUE, python, report
 
 TIMEOUT_S = 1.5
-
-
-def python(code: str, **fields) -> RunCodeRequest:
-    return RunCodeRequest(code=textwrap.dedent(code), language="python", **fields)
-
-
-@pytest.fixture
-def contained(service, run):
-    """Run one hostile request, then check the aftermath; returns the response and its wall time."""
-
-    def execute(request: RunCodeRequest):
-        started = time.monotonic()
-        response = run(lambda client: client.run_code(request))
-        elapsed = time.monotonic() - started
-        health = run(lambda client: client.health())
-        assert leftovers(service.proc.pid, health) == {"processes": [], "cgroups": [], "workspaces": []}
-        normal = run(lambda client: client.run_code(python("print(6 * 7)")))
-        assert normal.status == RunStatus.SUCCESS and normal.run_result.stdout == "42\n"
-        assert service.proc.poll() is None
-        return response, elapsed
-
-    return execute
-
-
-def report(response) -> dict:
-    """The JSON a probe program printed as its last stdout line."""
-    return json.loads(response.run_result.stdout.strip().splitlines()[-1])
 
 
 def test_python_fork_bomb(contained):
