@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps quickstart test test-slow bench clean
+.PHONY: install system-deps quickstart lint test test-slow bench clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ system-deps:
 quickstart: install
 	$(PY) -m train.pretrain --config=configs/quickstart.py
 
-test: install system-deps
+# ruff (style, bugs) and import-linter (the one-way layers in pyproject.toml), then the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: install system-deps lint
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: install system-deps

@@ -5,7 +5,7 @@ writing this file."""
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from evals.problems import Problem
 

@@ -8,8 +8,8 @@ evaluation harness works without it).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from evals.problems import Problem
 
@@ -71,12 +71,12 @@ def load_checkpoint_generator(checkpoint: str, max_len: int = 2048) -> Generator
     `models.pretrained.load_trained_model`) or a Hugging Face directory (config.json + safetensors +
     tokenizer.json)."""
     try:  # deferred: scoring completions must not need the model stack
-        from models.sampler import Sampler
+        from models.sampler import Sampler  # noqa: PLC0415
     except ImportError as e:
         raise GenerationError(
             f"sampling from --checkpoint={checkpoint} needs codelm's sampler (models/sampler.py), which cannot be "
             f"imported ({e}); score existing completions with --completions=FILE instead") from None
-    from models.pretrained import load_pretrained
+    from models.pretrained import load_pretrained  # noqa: PLC0415
 
     try:
         model, tokenizer = load_pretrained(checkpoint)

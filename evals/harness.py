@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from evals.passk import mean_pass_at_k, pass_at_k
 from evals.problems import Problem

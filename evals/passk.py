@@ -9,7 +9,7 @@ evaluated as a running product, 1 - prod_{i = n-c+1}^{n} (1 - k / i), which avoi
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

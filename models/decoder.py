@@ -97,7 +97,7 @@ class LayerStack(nnx.Module):
 
         per_layer = []
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
             x, out = body(block, x, layer_cache)
             per_layer.append(out)
         aux, cache = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else ({}, None)
@@ -130,7 +130,7 @@ class Decoder(nnx.Module):
         """An empty KV cache of `length` slots per sequence for every layer."""
         dt = dtype_of(dtype or self.cfg.dtype)
         return {
-            name: jax.tree.map(lambda c: jnp.broadcast_to(c, (stack.n, *c.shape)), LayerCache.empty(batch, length, self.cfg, dt))
+            name: jax.tree.map(lambda c, n=stack.n: jnp.broadcast_to(c, (n, *c.shape)), LayerCache.empty(batch, length, self.cfg, dt))
             for name, stack in self.stacks.items()
         }
 

@@ -27,7 +27,7 @@ from pydantic import Field
 from configs import cli
 from configs.schema import ConfigError, parse, section
 from models.pretrained import is_run_dir, load_pretrained
-from models.sampler import Sampler, SampleOutput, SamplerConfig
+from models.sampler import SampleOutput, Sampler, SamplerConfig
 from models.sharding import MeshConfig
 
 _CONFIG = cli.define_config("configs/generate.py")

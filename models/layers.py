@@ -7,7 +7,8 @@ heads, H head_dim, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -12,13 +12,15 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Annotated, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from pydantic import Field
 
 from configs.schema import ConfigError, section

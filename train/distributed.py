@@ -7,6 +7,7 @@ import os
 
 import jax
 
+
 def _slurm_multiprocess() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 

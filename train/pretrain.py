@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from configs.schema import ConfigError
 from data import corpus
@@ -49,7 +48,7 @@ def prepare_data(data: DataConfig) -> Tokenizer:
 
 def data_iterator(data: DataConfig, tokenizer: Tokenizer, split: str, *, fim: bool = True) -> DataIterator:
     """The split's batch iterator; FIM (data.fim) only where `fim`."""
-    return build_iterator(ConfigDict(dataclasses.asdict(data)), tokenizer, split=split, fim=fim)
+    return build_iterator(data, tokenizer, split=split, fim=fim)
 
 
 def fit_vocab(model_cfg: ModelConfig, explicit_vocab: bool, tokenizer: Tokenizer) -> ModelConfig:

@@ -8,7 +8,8 @@ loss_mask 0); RL passes a policy-gradient loss with its own batch fields.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from configs.sharding_rules import DEFAULT_RULES
 from models.config import ConfigError, ModelConfig
 from models.decoder import Decoder
-from models.hf.family import LAYER_PREFIX, Family, HFConfig
+from models.hf.family import LAYER_PREFIX, Family, HFConfig, TensorMap
 from models.hf.layouts import Layout
 from models.hf.registry import get_family, infer_family
 from models.hf.safetensors_io import CheckpointFormatError, SafetensorsReader, write_sharded
@@ -104,7 +104,7 @@ def param_sources(cfg: ModelConfig, family: Family) -> list[ParamSource]:
         for tensor in family.block_tensors(cfg, moe):
             template = LAYER_PREFIX + tensor.hf
 
-            def layer_names(layer: int) -> np.ndarray:
+            def layer_names(layer: int, tensor: TensorMap = tensor, template: str = template) -> np.ndarray:
                 if tensor.per_expert:
                     return np.array([template.format(layer=layer, expert=e) for e in range(cfg.moe.num_experts)])
                 return np.array(template.format(layer=layer))

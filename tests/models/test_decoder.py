@@ -61,7 +61,7 @@ def test_scanned_and_unrolled_stacks_agree():
     unrolled = Decoder(tiny(scan_layers=False), rngs=nnx.Rngs(3))
     stacked = nnx.state(scanned.stacks["dense"].blocks, nnx.Param)
     for i, block in enumerate(unrolled.stacks["dense"].blocks):
-        nnx.update(block, jax.tree.map(lambda x: x[i], stacked))
+        nnx.update(block, jax.tree.map(lambda x, i=i: x[i], stacked))
     nnx.update(unrolled.final_norm, nnx.state(scanned.final_norm))
     unrolled.embed.set_value(scanned.embed.get_value())
     tokens = jnp.arange(16).reshape(2, 8)

@@ -16,8 +16,15 @@ transformers = pytest.importorskip("transformers")
 
 from configs.sharding_rules import DEFAULT_RULES  # noqa: E402
 from models.config import PRESETS, ConfigError  # noqa: E402
-from models.hf import FAMILIES, get_family, infer_family, load_hf_checkpoint, read_hf_config, save_hf_checkpoint  # noqa: E402
-from models.hf import reference  # noqa: E402
+from models.hf import (  # noqa: E402
+    FAMILIES,
+    get_family,
+    infer_family,
+    load_hf_checkpoint,
+    read_hf_config,
+    reference,  # noqa: E402
+    save_hf_checkpoint,
+)
 from models.hf.family import HFConfig  # noqa: E402
 from models.hf.safetensors_io import INDEX_FILE, CheckpointFormatError, SafetensorsReader, write_sharded  # noqa: E402
 from models.sharding import make_mesh, state_shardings  # noqa: E402

@@ -12,11 +12,11 @@ from configs.schema import ConfigError  # noqa: E402
 from data.hf_tokenizer import HFTokenizer  # noqa: E402
 from models import generate  # noqa: E402
 from models.hf import load_hf_checkpoint, reference  # noqa: E402
+from models.pretrained import load_trained_model  # noqa: E402
 from models.sampler import Sampler  # noqa: E402
 from tests.models.test_hf_tokenizer import MESSAGES, byte_level_tokenizer  # noqa: E402
 from tests.train.conftest import corpus_dir, small_run, tokenizer  # noqa: E402, F401  (fixtures)
 from tests.train.test_trainer import make_task, train  # noqa: E402
-from models.pretrained import load_trained_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def test_cli_matches_sampler_api(checkpoint, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["import os", "def add(a, b):", MESSAGES]
 
-    tokenizer = HFTokenizer(checkpoint)
-    sampler = Sampler(load_hf_checkpoint(checkpoint), tokenizer)
-    expected = sampler.generate(["import os", "def add(a, b):", tokenizer.apply_chat_template(MESSAGES)], 5)
+    hf_tokenizer = HFTokenizer(checkpoint)
+    sampler = Sampler(load_hf_checkpoint(checkpoint), hf_tokenizer)
+    expected = sampler.generate(["import os", "def add(a, b):", hf_tokenizer.apply_chat_template(MESSAGES)], 5)
     assert [r["tokens"] for r in records] == expected.tokens
     assert [r["text"] for r in records] == expected.texts
     assert all(len(r["logprobs"]) == len(r["tokens"]) for r in records)

@@ -15,7 +15,12 @@ from configs.sharding_rules import DEFAULT_RULES, MESH_AXES
 from models.config import PRESETS, get_preset
 from models.decoder import Decoder
 from models.sharding import (
-    constrain, create_sharded, logical_to_mesh_spec, make_mesh, sharding_context, state_shardings,
+    constrain,
+    create_sharded,
+    logical_to_mesh_spec,
+    make_mesh,
+    sharding_context,
+    state_shardings,
 )
 
 GOLDEN = Path(__file__).with_name("golden_shardings.json")

@@ -6,16 +6,15 @@ import dataclasses
 import json
 import os
 
-import jax
 import pytest
 from flax import nnx
 
 from configs.schema import ConfigError
+from configs.sharding_rules import DEFAULT_RULES
 from models.decoder import Decoder
-from models.sharding import abstract_with_shardings, make_mesh
+from models.sharding import abstract_with_shardings
 from tests.train.conftest import small_run
 from tests.train.test_trainer import make_task, one_device, train
-from configs.sharding_rules import DEFAULT_RULES
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.pretrain import pretrain

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from configs import base
+from configs.sharding_rules import DEFAULT_RULES
 from models.config import get_preset
 from models.decoder import Decoder
 from models.sharding import make_mesh
-from configs.sharding_rules import DEFAULT_RULES
 from train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from train.state import init_train_state
 from train.step import LossOutput, make_train_step, next_token_loss
