@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
+from data.jsonl import JSONLError, read_jsonl
 from evals.problems import Problem
 
 
@@ -20,27 +21,17 @@ def read_completions(path: str, problems: Iterable[Problem], *, allow_missing: b
     known = {problem.task_id for problem in problems}
     completions: dict[str, list[str]] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CompletionsError(f"{where}: not valid JSON: {e}") from None
-                if not isinstance(record, dict):
-                    raise CompletionsError(f"{where}: expected a JSON object")
-                task_id, completion = record.get("task_id"), record.get("completion")
-                if not isinstance(task_id, (str, int)) or isinstance(task_id, bool):
-                    raise CompletionsError(f"{where}: field `task_id` missing or not a string/integer")
-                if not isinstance(completion, str):
-                    raise CompletionsError(f"{where}: field `completion` missing or not a string")
-                if str(task_id) not in known:
-                    raise CompletionsError(f"{where}: task_id {task_id!r} is not in the problem set")
-                completions.setdefault(str(task_id), []).append(completion)
-    except OSError as e:
-        raise CompletionsError(f"{path}: cannot read: {e.strerror}") from None
+        for line in read_jsonl(path):
+            task_id, completion = line.record.get("task_id"), line.record.get("completion")
+            if not isinstance(task_id, (str, int)) or isinstance(task_id, bool):
+                raise CompletionsError(f"{line.where}: field `task_id` missing or not a string/integer")
+            if not isinstance(completion, str):
+                raise CompletionsError(f"{line.where}: field `completion` missing or not a string")
+            if str(task_id) not in known:
+                raise CompletionsError(f"{line.where}: task_id {task_id!r} is not in the problem set")
+            completions.setdefault(str(task_id), []).append(completion)
+    except JSONLError as e:
+        raise CompletionsError(str(e)) from None
     missing = sorted(known - completions.keys())
     if missing and not allow_missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -19,12 +19,12 @@ Files may be gzipped (`.gz`). A malformed record raises `ProblemFormatError` nam
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import importlib.util
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
+
+from data.jsonl import JSONLError, read_jsonl
 
 HUMANEVAL_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
@@ -56,21 +56,11 @@ def humaneval_path() -> str:
 
 
 def _records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ProblemFormatError(f"{path}:{line_number}: not valid JSON: {e}") from None
-                if not isinstance(record, dict):
-                    raise ProblemFormatError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-                yield line_number, record
-    except OSError as e:
-        raise ProblemFormatError(f"{path}: cannot read: {e.strerror}") from None
+        for line in read_jsonl(path):
+            yield line.number, line.record
+    except JSONLError as e:
+        raise ProblemFormatError(str(e)) from None
 
 
 def _field(record: dict[str, Any], name: str, kind: type, where: str, default: Any = dataclasses.MISSING) -> Any:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from configs import cli
 from configs.schema import ConfigError, parse, section
+from data.jsonl import JSONLError, read_jsonl
 from models.pretrained import is_run_dir, load_pretrained
 from models.sampler import SampleOutput, Sampler, SamplerConfig
 from models.sharding import MeshConfig
@@ -84,13 +85,8 @@ def read_prompts_file(path: Path) -> list[Prompt]:
     if path.suffix != ".jsonl":
         return [path.read_text()]
     prompts: list[Prompt] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: invalid JSON: {error}") from None
+    for line in read_jsonl(path, objects=False):
+        item = line.record
         if isinstance(item, str):
             prompts.append(item)
         elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
@@ -98,7 +94,7 @@ def read_prompts_file(path: Path) -> list[Prompt]:
         elif isinstance(item, dict) and isinstance(item.get("messages"), list):
             prompts.append(item["messages"])
         else:
-            raise ValueError(f'{path}:{number}: expected a JSON string, {{"prompt": str}} or {{"messages": [...]}}')
+            raise JSONLError(f'{line.where}: expected a JSON string, {{"prompt": str}} or {{"messages": [...]}}')
     return prompts
 
 

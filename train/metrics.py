@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from data.jsonl import read_jsonl
+
 # Dense bf16 peak FLOP/s per device (vendor datasheets). MFU is reported against these.
 PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v4": 275e12,
@@ -156,9 +158,9 @@ def print_progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl."""
+    return [line.record for line in read_jsonl(path)]
 
 
 def plot_loss_curve(
@@ -171,7 +173,7 @@ def plot_loss_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    records = read_jsonl(metrics_path)
+    records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for split, style in (("train", "-"), ("eval", "o-")):
         points = sorted({r["step"]: r["loss"] for r in records if r.get("split") == split and "loss" in r}.items())

@@ -46,6 +46,8 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import huber
 
+from data.jsonl import read_jsonl
+
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # optional: fits give the same results without it, only slower
@@ -153,16 +155,9 @@ def _last_eval_loss(metrics_path: Path) -> float | None:
     if not metrics_path.exists():
         return None
     loss = None
-    with metrics_path.open() as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{metrics_path}:{line_number}: not JSON ({e.msg})") from None
-            if record.get("split") == "eval" and "loss" in record:
-                loss = record["loss"]
+    for line in read_jsonl(metrics_path):
+        if line.record.get("split") == "eval" and "loss" in line.record:
+            loss = line.record["loss"]
     return loss
 
 

@@ -14,15 +14,14 @@ downloaded), and any JSONL(.gz) file of problems with the configured text fields
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import importlib.resources
-import json
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from data.code import hashing
+from data.jsonl import read_jsonl
 
 DEFAULT_FIELDS = ("prompt", "canonical_solution", "test")
 _FILTER_SLOTS = 1 << 22  # 4 MiB of flags: ~0.5% of slots set per 20k evaluation n-grams
@@ -45,22 +44,9 @@ class EvalProblem:
         return f"{self.benchmark}/{self.problem_id}"
 
 
-def _open_text(path: str | os.PathLike[str]):
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
-
-
 def _problem_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {error}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield line_number, row
+    for line in read_jsonl(path):
+        yield line.number, line.record
 
 
 def load_problems_jsonl(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import gzip
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from data import jsonl
 
 _OPTIONAL_STRING_FIELDS = ("path", "repo", "lang")
 _BINARY_SNIFF_BYTES = 8192
@@ -41,29 +41,20 @@ def is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson"))
 
 
-def read_jsonl(path: str) -> Iterator[InputFile]:
+def read_jsonl_files(path: str) -> Iterator[InputFile]:
     """Records of a JSONL(.gz) file: objects with a string "text" and optional string "path",
     "repo", "lang" (other fields are carried along). Consecutive records with the same "repo"
     (and a "path") form one repository; sort a file by repository to get whole-repository
     documents."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {error}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            if not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{line_number}: field 'text' must be a string, got {type(record.get('text')).__name__}")
-            for field in _OPTIONAL_STRING_FIELDS:
-                if field in record and not isinstance(record[field], str):
-                    raise ValueError(f"{path}:{line_number}: field {field!r} must be a string, got {type(record[field]).__name__}")
-            group = f"{path}\0{record['repo']}" if record.get("repo") and record.get("path") else None
-            yield InputFile(record, group, len(line))
+    for line in jsonl.read_jsonl(path):
+        record = line.record
+        if not isinstance(record.get("text"), str):
+            raise jsonl.JSONLError(f"{line.where}: field 'text' must be a string, got {type(record.get('text')).__name__}")
+        for field in _OPTIONAL_STRING_FIELDS:
+            if field in record and not isinstance(record[field], str):
+                raise jsonl.JSONLError(f"{line.where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        group = f"{path}\0{record['repo']}" if record.get("repo") and record.get("path") else None
+        yield InputFile(record, group, line.nbytes)
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
@@ -137,6 +128,6 @@ def read_inputs(paths: Sequence[str], exclude: Sequence[str], single_repo: bool,
         if os.path.isdir(path):
             yield from read_repository_tree(path, exclude, single_repo, max_file_bytes)
         elif os.path.isfile(path):
-            yield from read_jsonl(path)
+            yield from read_jsonl_files(path)
         else:
             raise ValueError(f"{path}: no such file or directory")

@@ -135,3 +135,21 @@ def test_tfds_missing_dataset_is_named(tmp_path: Path) -> None:
         TfdsSource("no_such_ds", "train", str(tmp_path))
     with pytest.raises(ValueError, match=r"data\.sources\.t\.splits\.train: a tfds source needs a dataset name"):
         open_source("tfds", "train", field="data.sources.t.splits.train")
+
+
+def test_jsonl_reader_names_file_and_line(tmp_path):
+    import gzip
+
+    from data.jsonl import JSONLError, read_jsonl
+
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"a": 1}\n\n"str"\n{oops\n')
+    lines = read_jsonl(path, objects=False)
+    assert [(line.number, line.record) for line in [next(lines), next(lines)]] == [(1, {"a": 1}), (3, "str")]
+    with pytest.raises(JSONLError, match=r"x\.jsonl\.gz:4: invalid JSON"):
+        next(lines)
+    with pytest.raises(JSONLError, match=r"x\.jsonl\.gz:3: expected a JSON object, got str"):
+        list(read_jsonl(path))
+    with pytest.raises(JSONLError, match=r"missing\.jsonl: cannot read"):
+        list(read_jsonl(tmp_path / "missing.jsonl"))

@@ -46,7 +46,7 @@ def test_mbpp_style_records(tmp_path):
 
 
 @pytest.mark.parametrize("records, message", [
-    (["{not json"], r"bad.jsonl:1: not valid JSON"),
+    (["{not json"], r"bad.jsonl:1: invalid JSON"),
     ([[1, 2]], r"bad.jsonl:1: expected a JSON object"),
     ([{"task_id": 1, "prompt": "x"}], r"bad.jsonl:1: cannot tell the format"),
     ([MBPP_RECORD, {**MBPP_RECORD, "task_id": 5, "test_list": []}], r"bad.jsonl:2: field `test_list` must be a non-empty"),
@@ -73,7 +73,7 @@ def test_completions_round_trip(tmp_path):
     (['{"task_id": "HumanEval/0", "completion": ""}', '{"task_id": "Nope/1", "completion": ""}'],
      r"c.jsonl:2: task_id 'Nope/1' is not in the problem set"),
     (['{"task_id": "HumanEval/0", "completion": ""}'], r"no completions for 1 of 2 problems \(HumanEval/1\)"),
-    (["oops"], r"c.jsonl:1: not valid JSON"),
+    (["oops"], r"c.jsonl:1: invalid JSON"),
 ])
 def test_malformed_completion_files(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "c.jsonl", lines)
