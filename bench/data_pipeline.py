@@ -20,8 +20,9 @@ import platform
 import time
 from collections.abc import Callable
 
+from data.config import DataConfig, SourceConfig
 from data.corpus import DEFAULT_OUT_DIR, arrayrecord_pattern, ensure_corpus
-from data.pipeline import build_iterator, default_data_config
+from data.pipeline import build_iterator
 from data.sources import ArrayRecordSource
 from data.tokenizer import SentencePieceTokenizer
 
@@ -44,10 +45,14 @@ def main() -> None:
     tokenizer = SentencePieceTokenizer(paths.tokenizer)
     cores = len(os.sched_getaffinity(0))
 
-    cfg = default_data_config()
-    cfg.sources.stdlib.splits.train = arrayrecord_pattern(paths.root, "train")
-    cfg.num_epochs = 1
-    cfg.read_threads = cores
+    # One plain pass (no FIM, no chunk shuffling: DataConfig's defaults), so both sides count the same pairs.
+    train_shards = arrayrecord_pattern(paths.root, "train")
+    cfg = DataConfig(
+        sources={"stdlib": SourceConfig(kind="arrayrecord", splits={"train": train_shards})},
+        tokenizer_path=str(paths.tokenizer),
+        num_epochs=1,
+        read_threads=cores,
+    )
 
     def pipeline_epoch() -> int:
         iterator = build_iterator(

@@ -17,10 +17,11 @@ import argparse
 import json
 import time
 
-from data.code.config import FIM_LEVELS, default_fim_config
+from configs import base
 from data.code.fim import fim_prefix_rate
+from data.config import FIM_LEVELS
 from data.corpus import DEFAULT_OUT_DIR, arrayrecord_pattern, ensure_corpus
-from data.pipeline import build_iterator, default_data_config
+from data.pipeline import build_iterator
 from data.tokenizer import SentencePieceTokenizer
 
 
@@ -37,11 +38,10 @@ def main() -> None:
     results = []
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for level in FIM_LEVELS:
-            cfg = default_data_config()
+            cfg = base.get_config().data  # data.fim at its defaults
             cfg.sources.stdlib.splits.train = arrayrecord_pattern(paths.root, "train")
             cfg.num_epochs = 1
             cfg.chunk_shuffle_window = args.chunk_shuffle_window
-            cfg.fim = default_fim_config()
             cfg.fim.level = level
             started = time.perf_counter()
             batches = build_iterator(
@@ -56,7 +56,7 @@ def main() -> None:
                 "benchmark": "fim_rate",
                 "corpus": str(paths.root),
                 "split": "train (one epoch)",
-                "fim": default_fim_config().to_dict(),
+                "fim": base.get_config().data.fim.to_dict(),
                 "chunk_shuffle_window": args.chunk_shuffle_window,
                 "results": results,
             },

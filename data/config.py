@@ -1,16 +1,23 @@
-"""The `data` section of a run config as typed, frozen schemas (`configs/schema.py`)."""
+"""The `data` section of a run config as typed, frozen schemas (`configs/schema.py`).
+
+`load_run_config` validates it with the rest of a run; `as_data_config` validates the section alone
+(an ml_collections ConfigDict or nested mapping), for callers of `data.pipeline.build_iterator`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
+import ml_collections
 from pydantic import Field
 
-from configs.schema import ConfigError, section
+from configs.schema import ConfigError, parse, section
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 FIM_LEVELS = ("chunk", "context", "document")
+FIM_SENTINELS = 3  # tokens a FIM example adds: <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
 
 
 @section
@@ -58,3 +65,27 @@ class DataConfig:
     packing_bins: Annotated[int, Field(ge=1)] = 32
     chunk_shuffle_window: Annotated[int, Field(ge=0)] = 0
     fim: FIMConfig = FIMConfig(fim_rate=0.0)
+
+    def __post_init__(self) -> None:
+        if self.fim.fim_rate > 0 and self.fim.level == "chunk" and self.seq_len <= FIM_SENTINELS:
+            raise ConfigError(
+                f"fim.level: 'chunk' needs data.seq_len > {FIM_SENTINELS} (room for the sentinels), "
+                f"got seq_len={self.seq_len}"
+            )
+
+
+def as_data_config(cfg: DataConfig | ml_collections.ConfigDict | Mapping[str, Any]) -> DataConfig:
+    """`cfg` as a validated DataConfig: a DataConfig is returned as is, a ConfigDict or nested mapping
+    is parsed; raises ConfigError naming the field ("data.seq_len: ...")."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    return parse(DataConfig, _plain(cfg), "data")
+
+
+def _plain(value: Any) -> Any:
+    """Nested ConfigDicts and mappings as plain dicts."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value

@@ -7,8 +7,11 @@ Per process (host), as grain datasets:
     -> split long documents -> [FIM, level "chunk"] -> shuffle chunks in windows
     -> first-fit pack into rows -> [FIM, level "context"] -> batch -> pad last batch
 
-Fill-in-the-middle is configured by `data.fim` (`data.code.config.default_fim_config`; levels in
-`data.code.fim`) and applied when its fim_rate > 0 unless `build_iterator(..., fim=False)`.
+The config is the typed `data` section, `data.config.DataConfig` (validated once: by
+`train.config.load_run_config` with the rest of a run, or by `data.config.as_data_config` when
+`build_iterator` is given its ml_collections ConfigDict). Fill-in-the-middle is configured by
+`data.fim` (`data.config.FIMConfig`; levels in `data.code.fim`) and applied when its fim_rate > 0
+unless `build_iterator(..., fim=False)`.
 
 Every process reads only its slice of every source, so P processes together
 read each record exactly once per epoch. Shuffling is a seeded permutation
@@ -36,125 +39,16 @@ import numpy as np
 from absl import flags as absl_flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data import corpus
-from data.code import config as fim_config_lib
+from configs.schema import to_dict
 from data.code import fim as fim_lib
+from data.config import FIM_SENTINELS, DataConfig, FIMConfig, as_data_config
 from data.packing import BATCH_FIELDS, PAIR_FIELDS, PadBatch, SplitLongDocuments, TokenizeDocument, pack_rows
-from data.sources import SOURCE_KINDS, open_source
+from data.sources import open_source
 from data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 FIM_SEED_SALT = 0x46494D  # "FIM": derives the seed of the FIM stage from the shuffle seed
 Batch = dict[str, np.ndarray]
-
-
-def source_config(
-    kind: str,
-    splits: Mapping[str, str],
-    *,
-    weight: float = 1.0,
-    text_field: str = "text",
-    tfds_name: str = "",
-    tfds_data_dir: str = "",
-) -> ml_collections.ConfigDict:
-    """Config of one data source.
-
-    Args:
-      kind: "jsonl", "arrayrecord" or "tfds".
-      splits: pipeline split name -> the source's data for it: comma-separated
-        files/glob patterns for jsonl/arrayrecord, a TFDS split expression
-        (e.g. "train[:90%]") for tfds.
-      weight: relative sampling weight in the mixture.
-      text_field: name of the text field in raw records.
-      tfds_name, tfds_data_dir: TFDS dataset name and data directory (tfds only).
-    """
-    return ml_collections.ConfigDict(
-        {
-            "kind": kind,
-            "splits": dict(splits),
-            "weight": float(weight),
-            "text_field": text_field,
-            "tfds_name": tfds_name,
-            "tfds_data_dir": tfds_data_dir,
-        }
-    )
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `data` section of a codelm config: the embedded stdlib corpus."""
-    cfg = ml_collections.ConfigDict()
-    out_dir = corpus.DEFAULT_OUT_DIR
-    cfg.sources = ml_collections.ConfigDict(
-        {"stdlib": source_config("arrayrecord", {s: corpus.arrayrecord_pattern(out_dir, s) for s in corpus.SPLITS})}
-    )
-    cfg.tokenizer_path = f"{out_dir}/tokenizer.model"
-    cfg.seq_len = 1024
-    cfg.batch_size = 8  # global: summed over processes
-    cfg.shuffle = True
-    cfg.shuffle_seed = 0
-    cfg.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
-    cfg.num_workers = 0  # grain worker processes; 0 keeps everything in this process
-    cfg.read_threads = 2  # threads reading + tokenizing documents (per process or worker)
-    cfg.prefetch_buffer_size = 64  # documents read ahead by those threads
-    cfg.packing_bins = 32  # rows filled at once by first-fit packing (more: less padding)
-    cfg.chunk_shuffle_window = 0  # >1: shuffle document chunks within windows of this many before packing
-    return cfg
-
-
-def _field(cfg: ml_collections.ConfigDict, name: str, prefix: str) -> Any:
-    if name not in cfg:
-        raise ValueError(f"{prefix}.{name} is missing")
-    return cfg[name]
-
-
-def _check_int(cfg: ml_collections.ConfigDict, name: str, prefix: str, minimum: int) -> None:
-    value = _field(cfg, name, prefix)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{prefix}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = "data") -> None:
-    """Raises ValueError naming the first invalid field of a data config."""
-    for name, minimum in [
-        ("seq_len", 1),
-        ("batch_size", 1),
-        ("shuffle_seed", 0),
-        ("num_workers", 0),
-        ("read_threads", 1),
-        ("prefetch_buffer_size", 1),
-        ("packing_bins", 1),
-        ("chunk_shuffle_window", 0),
-    ]:
-        _check_int(cfg, name, prefix, minimum)
-    if _field(cfg, "num_epochs", prefix) is not None:
-        _check_int(cfg, "num_epochs", prefix, 1)
-    if not isinstance(_field(cfg, "shuffle", prefix), bool):
-        raise ValueError(f"{prefix}.shuffle must be a bool, got {cfg.shuffle!r}")
-    if cfg.shuffle_seed >= 2**32:
-        raise ValueError(f"{prefix}.shuffle_seed must be < 2**32, got {cfg.shuffle_seed}")
-    sources = _field(cfg, "sources", prefix)
-    if not _is_mapping(sources) or not sources:
-        raise ValueError(f"{prefix}.sources must name at least one source")
-    for name, source in sources.items():
-        where = f"{prefix}.sources.{name}"
-        kind = _field(source, "kind", where)
-        if kind not in SOURCE_KINDS:
-            raise ValueError(f"{where}.kind must be one of {SOURCE_KINDS}, got {kind!r}")
-        weight = _field(source, "weight", where)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{where}.weight must be a positive number, got {weight!r}")
-        splits = _field(source, "splits", where)
-        if not _is_mapping(splits) or not all(isinstance(v, str) and v for v in splits.values()):
-            raise ValueError(f"{where}.splits must map split names to non-empty strings, got {splits!r}")
-        if kind == "tfds" and not source.get("tfds_name"):
-            raise ValueError(f"{where}.tfds_name is required for a tfds source")
-    fim = getattr(cfg, "fim", None)
-    if fim is not None:
-        fim_config_lib.validate_fim_config(fim, f"{prefix}.fim")
-
-
-def _is_mapping(value: Any) -> bool:
-    return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
 def _derived_seed(seed: int, *salt: int) -> int:
@@ -228,7 +122,7 @@ def _documents_read(position: Any) -> int:
 
 
 def build_iterator(
-    data_cfg: ml_collections.ConfigDict,
+    data_cfg: DataConfig | ml_collections.ConfigDict | Mapping[str, Any],
     tokenizer: Tokenizer,
     *,
     seq_len: int | None = None,
@@ -244,9 +138,10 @@ def build_iterator(
     """Builds this process's batch iterator.
 
     Args:
-      data_cfg: a data config (see `default_data_config`).
+      data_cfg: the `data` section: a DataConfig, or its ConfigDict or nested mapping (e.g.
+        `configs.base.get_config().data`), validated by `data.config.as_data_config`.
       tokenizer: encodes "text" and provides BOS/EOS/pad ids.
-      seq_len: row length; default `data_cfg.seq_len`.
+      seq_len: row length; default `data_cfg.seq_len`. Overrides are validated as config fields are.
       batch_size: global batch size (over all processes); each process emits
         batch_size // process_count rows. Default `data_cfg.batch_size`.
       split: which entry of each source's `splits` to read.
@@ -267,12 +162,11 @@ def build_iterator(
     Returns:
       A `DataIterator`.
     """
-    cfg = data_cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.seq_len = cfg.seq_len if seq_len is None else seq_len
-        cfg.batch_size = cfg.batch_size if batch_size is None else batch_size
-        cfg.shuffle_seed = cfg.shuffle_seed if seed is None else seed
-    validate_data_config(cfg)
+    cfg = as_data_config(data_cfg)
+    overrides = {"seq_len": seq_len, "batch_size": batch_size, "shuffle_seed": seed}
+    overrides = {field: value for field, value in overrides.items() if value is not None}
+    if overrides:  # parsed, so the schema checks them as it checks the file's fields (dataclasses.replace would not)
+        cfg = as_data_config({**to_dict(cfg), **overrides})
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -280,8 +174,8 @@ def build_iterator(
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
     local_batch = cfg.batch_size // process_count
-    fim_settings = _fim_settings(data_cfg, cfg.seq_len, transforms) if fim else None
-    level = fim_settings.level if fim_settings is not None else None
+    fim_cfg = _fim_config(cfg, transforms) if fim else None
+    level = fim_cfg.level if fim_cfg is not None else None
     fim_seed = _derived_seed(cfg.shuffle_seed, FIM_SEED_SALT)
 
     names = sorted(cfg.sources)
@@ -314,7 +208,7 @@ def build_iterator(
     if transforms:
         documents = documents.apply(list(transforms))
     if level == "document":
-        fim_transform = fim_lib.FIMTransform(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate)
+        fim_transform = fim_lib.FIMTransform(tokenizer, fim_cfg.fim_rate, fim_cfg.spm_rate)
         documents = documents.random_map(fim_transform, seed=fim_seed)
     documents = documents.map(TokenizeDocument(tokenizer))
     if mark_fim_infill and level in (None, "document"):
@@ -322,12 +216,12 @@ def build_iterator(
     tokenized = documents.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
     )
-    # Chunk-level FIM adds 3 sentinels to a chunk: cut chunks 3 pairs short of a row.
-    chunk_len = cfg.seq_len - fim_lib.SENTINELS_PER_EXAMPLE if level == "chunk" else cfg.seq_len
+    # Chunk-level FIM adds its sentinels to a chunk: cut chunks that many pairs short of a row.
+    chunk_len = cfg.seq_len - FIM_SENTINELS if level == "chunk" else cfg.seq_len
     chunks = tokenized.apply([SplitLongDocuments(chunk_len)])
     if level == "chunk":
         chunks = chunks.random_map(
-            fim_lib.FIMChunks(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate), seed=fim_seed
+            fim_lib.FIMChunks(tokenizer, fim_cfg.fim_rate, fim_cfg.spm_rate), seed=fim_seed
         )
         if mark_fim_infill:
             chunks = chunks.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))
@@ -340,7 +234,7 @@ def build_iterator(
     packed_fields = PAIR_FIELDS + ((fim_lib.FIM_INFILL_FIELD,) if mark_fim_infill and level != "context" else ())
     rows = pack_rows(chunks, cfg.seq_len, cfg.packing_bins, tokenizer.pad_id, packed_fields)
     if level == "context":
-        context_fim = fim_lib.ContextFIMRows(tokenizer, fim_settings.fim_rate, fim_settings.spm_rate, tokenizer.pad_id)
+        context_fim = fim_lib.ContextFIMRows(tokenizer, fim_cfg.fim_rate, fim_cfg.spm_rate, tokenizer.pad_id)
         rows = rows.random_map(context_fim, seed=fim_seed)
         if mark_fim_infill:
             rows = rows.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))
@@ -371,33 +265,23 @@ def build_iterator(
         },
         # Every transform shapes the stream: user transforms by class, FIM by every setting.
         "transforms": [f"{type(t).__module__}.{type(t).__qualname__}" for t in transforms],
-        **(fim_settings.stream_config() if fim_settings is not None else {"fim.fim_rate": 0.0}),
+        **(fim_lib.stream_config(fim_cfg) if fim_cfg is not None else {"fim.fim_rate": 0.0}),
     }
     if mark_fim_infill:
         stream_config["fim.mark_infill"] = True
     return DataIterator(batches, stream_config, max(1, documents_per_epoch))
 
 
-def _fim_settings(data_cfg: Any, seq_len: int, transforms: Sequence[Any]) -> fim_lib.FIMSettings | None:
-    """The FIM the pipeline applies: `data_cfg.fim` (read by attribute, validated), None when absent or off.
+def _fim_config(cfg: DataConfig, transforms: Sequence[Any]) -> FIMConfig | None:
+    """The FIM the pipeline applies: `cfg.fim` (validated with `cfg`), None when its fim_rate is 0.
 
-    Raises ConfigError naming the field ("data.fim.level: ...") for invalid settings, and
-    ValueError when `transforms` already holds a FIM transform (FIM would be applied twice).
+    Raises ValueError when `transforms` already holds a FIM transform (FIM would be applied twice).
     """
-    fim_cfg = getattr(data_cfg, "fim", None)
-    if fim_cfg is None:
-        return None
-    settings = fim_lib.FIMSettings.from_config(fim_cfg, "data.fim")
-    if settings.fim_rate == 0:
+    if cfg.fim.fim_rate == 0:
         return None
     if any(isinstance(t, fim_lib.FIMTransform) for t in transforms):
         raise ValueError("transforms hold a FIMTransform while data.fim.fim_rate > 0: FIM comes from data.fim alone")
-    if settings.level == "chunk" and seq_len <= fim_lib.SENTINELS_PER_EXAMPLE:
-        raise fim_config_lib.ConfigError(
-            f"data.fim.level: 'chunk' needs data.seq_len > {fim_lib.SENTINELS_PER_EXAMPLE} (room for the sentinels), "
-            f"got seq_len={seq_len}"
-        )
-    return settings
+    return cfg.fim
 
 
 def _mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain.MapDataset:
@@ -431,8 +315,5 @@ __all__ = [
     "BATCH_FIELDS",
     "DataIterator",
     "build_iterator",
-    "default_data_config",
-    "source_config",
     "to_global_batch",
-    "validate_data_config",
 ]

@@ -10,7 +10,7 @@ Modules, one job each:
   decontam     n-gram decontamination against evaluation sets (HumanEval, JSONL problems)
   repo         repository-level documents ordered by Python import dependencies
   fim          fill-in-the-middle permutations (pure functions and grain transforms)
-  config       `default_prepare_config()` / `default_fim_config()` and their validation
+  config       `default_prepare_config()` for `python -m data.prepare` and its validation
   inputs       JSONL and directory-tree readers
   stages       the pure per-file stage chain run in worker processes
   shards       ArrayRecord shard writer

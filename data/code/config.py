@@ -1,5 +1,6 @@
 """Configuration of code curation: `default_prepare_config()` for `python -m data.prepare` and
-`default_fim_config()` for the pipeline's FIM stage (`data.fim`), each with a validator whose errors name the field.
+`validate_prepare_config()`, whose errors (`configs.schema.ConfigError`) name the field. The pipeline's
+FIM stage is configured by `data.fim` (`data.config.FIMConfig`).
 
 List-valued fields are comma-separated strings, so that every field can be overridden from the
 command line as `--config.<section>.<field>=value`.
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from configs.schema import ConfigError
 from data.code import decontam, filters, languages, pii
 
 
@@ -77,22 +79,6 @@ def default_prepare_config() -> ml_collections.ConfigDict:
     config.output.max_shard_bytes = 256 << 20
     config.output.prefix = "data"
     return config
-
-
-FIM_LEVELS: tuple[str, ...] = ("chunk", "context", "document")
-
-
-def default_fim_config() -> ml_collections.ConfigDict:
-    """The `data.fim` section read by `data.pipeline.build_iterator` (levels: `data.code.fim`)."""
-    config = ml_collections.ConfigDict()
-    config.fim_rate = 0.5  # fraction of FIM units (chunks, row segments or documents) permuted; 0 disables FIM
-    config.spm_rate = 0.5  # fraction of permuted ones in SPM rather than PSM layout
-    config.level = "chunk"  # "chunk": each row-sized chunk; "context": each packed row's segments; "document"
-    return config
-
-
-class ConfigError(ValueError):
-    """An invalid configuration field; the message starts with the field's dotted name."""
 
 
 def _check(config: ml_collections.ConfigDict, field: str, valid: Callable[[object], bool], requirement: str) -> None:
@@ -166,21 +152,3 @@ def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
     _check(config, "output.records_per_shard", positive, "a positive integer")
     _check(config, "output.max_shard_bytes", positive, "a positive integer")
     _check(config, "output.prefix", lambda v: isinstance(v, str) and v and "/" not in v, "a non-empty file name prefix")
-
-
-def validate_fim_config(config: object, prefix: str = "data.fim") -> None:
-    """Raises ConfigError "<prefix>.<field>: ..." for the first missing or invalid field.
-
-    Fields are read by attribute, so a ConfigDict and a typed (e.g. frozen dataclass) section both work.
-    """
-    fraction = lambda v: _is_number(v) and 0.0 <= v <= 1.0
-    for field, valid, requirement in (
-        ("fim_rate", fraction, "a number in [0, 1]"),
-        ("spm_rate", fraction, "a number in [0, 1]"),
-        ("level", lambda v: v in FIM_LEVELS, f"one of {', '.join(map(repr, FIM_LEVELS))}"),
-    ):
-        if not hasattr(config, field):
-            raise ConfigError(f"{prefix}.{field}: missing")
-        value = getattr(config, field)
-        if not valid(value):
-            raise ConfigError(f"{prefix}.{field}: must be {requirement}, got {value!r}")

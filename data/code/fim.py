@@ -14,7 +14,7 @@ text and a prompt's prefix is a plain continuation point.
 Spans: two cut points drawn uniformly and sorted; a unit is permuted with probability `fim_rate`,
 in SPM layout with probability `spm_rate`, else PSM.
 
-Levels (`data.fim.level`; `data.pipeline.build_iterator` applies the configured one):
+Levels (`data.fim.level`, a `data.config.FIMConfig`; `data.pipeline.build_iterator` applies the configured one):
   * "chunk" (default): after long documents are split into row-sized chunks, each chunk is
     permuted at token-level cut points (`FIMChunks`). Chunks are cut at seq_len - 3 pairs, so a
     permuted chunk (3 sentinels more) still fits its row and every infill target has its
@@ -43,12 +43,11 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from data.code import config as config_lib
+from data.config import FIMConfig
 from data.packing import PAIR_FIELDS
 
 # Sentinel slots in a FIM order (`fim_order`); content positions are >= 0.
 PREFIX_SLOT, SUFFIX_SLOT, MIDDLE_SLOT = -1, -2, -3
-SENTINELS_PER_EXAMPLE = 3
 # Diagnostic batch field (`build_iterator(..., mark_fim_infill=True)`): 1.0 where the target is an infill target.
 FIM_INFILL_FIELD = "fim_infill"
 
@@ -65,23 +64,10 @@ class FIMTokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class FIMSettings:
-    """The FIM fields of a data config (`config.default_fim_config`); every field shapes the stream."""
-
-    fim_rate: float = 0.5
-    spm_rate: float = 0.5
-    level: str = "chunk"
-
-    @classmethod
-    def from_config(cls, config: Any, prefix: str = "data.fim") -> FIMSettings:
-        """Validated settings read by attribute from a ConfigDict or a typed (e.g. dataclass) config."""
-        config_lib.validate_fim_config(config, prefix)
-        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
-
-    def stream_config(self) -> dict[str, Any]:
-        """{"fim.<field>": value} for every field (what a resumed data iterator must match)."""
-        return {f"fim.{field.name}": getattr(self, field.name) for field in dataclasses.fields(self)}
+def stream_config(config: FIMConfig) -> dict[str, Any]:
+    """{"fim.<field>": value} for every field of `data.fim`: each shapes the stream, so a resumed data
+    iterator must match them all."""
+    return {f"fim.{field.name}": getattr(config, field.name) for field in dataclasses.fields(config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +298,7 @@ def permute_pairs(
 class FIMChunks(grain.transforms.RandomMap):
     """Chunk-level FIM: a chunk {"inputs", "targets", "loss_mask"} [p] -> [p + 3] with probability fim_rate.
 
-    Chunks must hold at most seq_len - 3 pairs (`SplitLongDocuments(seq_len - 3)`) to fit a row.
+    Chunks must hold at most seq_len - `data.config.FIM_SENTINELS` (3) pairs to fit a row.
     """
 
     def __init__(self, ids: FIMTokenizer, fim_rate: float, spm_rate: float):
@@ -456,17 +442,3 @@ def fim_prefix_rate(batches: Iterable[Mapping[str, np.ndarray]], fim_prefix_id: 
         "pieces_with_prefix": pieces_with_prefix,
         "piece_rate": pieces_with_prefix / pieces if pieces else None,
     }
-
-
-def make_fim_transform(config: Any, tokenizer: Any) -> grain.transforms.RandomMap:
-    """The record transform of level "document", for pipelines other than `build_iterator`.
-
-    `build_iterator` applies `data.fim` itself at every level; "chunk" and "context" act on
-    token chunks and packed rows, so they have no record transform.
-    """
-    settings = FIMSettings.from_config(config)
-    if settings.level != "document":
-        raise config_lib.ConfigError(
-            f"data.fim.level: {settings.level!r} FIM is a stage of data.pipeline.build_iterator, not a record transform"
-        )
-    return FIMTransform(tokenizer, settings.fim_rate, settings.spm_rate)

@@ -13,7 +13,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec  # noqa: E402
 
@@ -24,9 +23,8 @@ from data.tokenizers import load_tokenizer  # noqa: E402
 def main(coordinator: str, process_id: str, num_processes: str, config_json: str, out_json: str) -> None:
     jax.distributed.initialize(coordinator, num_processes=int(num_processes), process_id=int(process_id))
     settings = json.loads(config_json)
-    cfg = ml_collections.ConfigDict(settings["data"])
     tokenizer = load_tokenizer(settings["tokenizer"])
-    batches = list(build_iterator(cfg, tokenizer))  # process index/count come from JAX
+    batches = list(build_iterator(settings["data"], tokenizer))  # a nested mapping; process index/count from JAX
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     global_batch = to_global_batch(batches[0], mesh, PartitionSpec("data"))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import base
 from data import corpus
-from data.pipeline import build_iterator, default_data_config
+from data.pipeline import build_iterator
 from data.sources import ArrayRecordSource, iter_records
 from data.tokenizer import SentencePieceTokenizer
 from tests.data.conftest import HELDOUT_MODULES, TRAIN_MODULES, read_modules
@@ -149,7 +150,7 @@ def test_stdlib_corpus_and_tokenizer(stdlib_corpus: corpus.CorpusPaths) -> None:
 
 
 def test_default_config_reads_the_built_corpus(stdlib_corpus: corpus.CorpusPaths) -> None:
-    cfg = default_data_config()
+    cfg = base.get_config().data
     for split in corpus.SPLITS:
         cfg.sources.stdlib.splits[split] = corpus.arrayrecord_pattern(stdlib_corpus.root, split)
     tokenizer = SentencePieceTokenizer(stdlib_corpus.tokenizer)

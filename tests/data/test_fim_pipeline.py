@@ -3,7 +3,6 @@ exact resume, refusal of changed FIM settings, and the rate of infill targets th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,11 +12,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data.code import config as config_lib
+from configs import base
+from configs.schema import ConfigError
 from data.code import fim
+from data.config import as_data_config
 from data.corpus import collect_documents, stdlib_dir
 from data.packing import BATCH_FIELDS
-from data.pipeline import build_iterator, default_data_config, source_config, validate_data_config
+from data.pipeline import build_iterator
 from data.tokenizer import SentencePieceTokenizer
 from tests.data.conftest import code_records, write_jsonl
 
@@ -38,10 +39,11 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fim_data_config(path: Path, level: str, seq_len: int, fim_rate: float = 0.5, **overrides) -> ml_collections.ConfigDict:
-    cfg = default_data_config()
-    cfg.sources = ml_collections.ConfigDict({"code": source_config("jsonl", {"train": str(path)})})
+    """configs/base.py's data section (data.fim at its defaults) on `path`, without chunk shuffling."""
+    cfg = base.get_config().data
+    cfg.sources = ml_collections.ConfigDict({"code": base.source("jsonl", {"train": str(path)})})
     cfg.seq_len, cfg.batch_size, cfg.prefetch_buffer_size, cfg.read_threads = seq_len, 8, 8, 1
-    cfg.fim = config_lib.default_fim_config()
+    cfg.chunk_shuffle_window = 0
     cfg.fim.level, cfg.fim.fim_rate = level, fim_rate
     for key, value in overrides.items():
         cfg[key] = value
@@ -240,32 +242,27 @@ def test_fim_off_and_on(small_corpus: Path, tokenizer: SentencePieceTokenizer) -
         assert not np.isin(inputs(build(cfg, tokenizer)), sentinels).any(), level
 
 
-@dataclasses.dataclass(frozen=True)
-class TypedFIMConfig:
-    fim_rate: float = 0.5
-    spm_rate: float = 0.5
-    level: str = "chunk"
-
-
-def test_a_typed_fim_section_gives_the_same_stream(small_corpus: Path, tokenizer: SentencePieceTokenizer) -> None:
+def test_the_typed_section_gives_the_same_fim_stream(small_corpus: Path, tokenizer: SentencePieceTokenizer) -> None:
     cfg = fim_data_config(small_corpus, "context", 64)
-    typed = fim_data_config(small_corpus, "context", 64)
-    del typed["fim"]
-    typed.fim = TypedFIMConfig(level="context")
-    assert_same_batches(take(build(cfg, tokenizer), 3), take(build(typed, tokenizer), 3))
+    assert_same_batches(take(build(cfg, tokenizer), 3), take(build(as_data_config(cfg), tokenizer), 3))
 
 
 def test_fim_errors_name_the_field(small_corpus: Path, tokenizer: SentencePieceTokenizer) -> None:
     cfg = fim_data_config(small_corpus, "chunk", 64)
     cfg.fim.level = "row"
-    with pytest.raises(config_lib.ConfigError, match=r"^data\.fim\.level: must be one of"):
+    level_message = r"^data\.fim\.level: input should be 'chunk', 'context' or 'document', got 'row'$"
+    with pytest.raises(ConfigError, match=level_message):
         build(cfg, tokenizer)
-    with pytest.raises(config_lib.ConfigError, match=r"^data\.fim\.level: must be one of"):
-        validate_data_config(cfg)
     cfg.fim.level, cfg.seq_len = "chunk", 3
-    with pytest.raises(config_lib.ConfigError, match=r"data\.fim\.level: 'chunk' needs data\.seq_len > 3"):
+    chunk_message = r"^data\.fim\.level: 'chunk' needs data\.seq_len > 3 \(room for the sentinels\), got seq_len=3$"
+    with pytest.raises(ConfigError, match=chunk_message):
         build(cfg, tokenizer)
     cfg.seq_len = 64
+    with pytest.raises(ConfigError, match=chunk_message):
+        build(cfg, tokenizer, seq_len=3)  # an override is checked as the field is
+    cfg.fim.level = "context"
+    assert next(build(cfg, tokenizer, seq_len=3))["inputs"].shape == (8, 3)  # only chunks need room for the sentinels
+    cfg.fim.level = "chunk"
     with pytest.raises(ValueError, match="FIM comes from data.fim alone"):
         build(cfg, tokenizer, transforms=[fim.FIMTransform(tokenizer)])
 

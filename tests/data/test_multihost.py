@@ -10,7 +10,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.pipeline import default_data_config, source_config
+from configs.schema import to_dict
+from data.config import DataConfig, SourceConfig
 from tests.data.conftest import code_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,10 +26,14 @@ def _free_port() -> int:
 def test_two_processes_cover_the_data_once(tmp_path: Path, tokenizer_path: Path) -> None:
     records = code_records(23, seed=5)
     write_jsonl(tmp_path / "docs.jsonl", records)
-    cfg = default_data_config()
-    cfg.sources = {"docs": source_config("jsonl", {"train": str(tmp_path / "docs.jsonl")}).to_dict()}
-    cfg.update({"seq_len": 2048, "batch_size": 4, "num_epochs": 1})
-    settings = json.dumps({"data": cfg.to_dict(), "tokenizer": str(tokenizer_path)})
+    cfg = DataConfig(
+        sources={"docs": SourceConfig(kind="jsonl", splits={"train": str(tmp_path / "docs.jsonl")})},
+        tokenizer_path=str(tokenizer_path),
+        seq_len=2048,
+        batch_size=4,
+        num_epochs=1,
+    )
+    settings = json.dumps({"data": to_dict(cfg), "tokenizer": str(tokenizer_path)})
     coordinator = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     workers = [

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from data.pipeline import build_iterator, default_data_config, source_config, to_global_batch, validate_data_config
+from configs import base
+from configs.schema import ConfigError
+from data.config import DataConfig, as_data_config
+from data.pipeline import build_iterator, to_global_batch
 from data.sources import write_array_record
 from data.tfds_export import write_tfds_dataset
 from data.tokenizer import SentencePieceTokenizer
@@ -33,13 +36,16 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def data_config(corpus_dir: Path, **overrides: object) -> ml_collections.ConfigDict:
-    cfg = default_data_config()
+    """configs/base.py's data section on the test corpus, without FIM or chunk shuffling (plain documents)."""
+    cfg = base.get_config().data
     cfg.sources = ml_collections.ConfigDict(
-        {"a": source_config("jsonl", {"train": f"{corpus_dir}/a-*.jsonl", "validation": f"{corpus_dir}/heldout.jsonl"})}
+        {"a": base.source("jsonl", {"train": f"{corpus_dir}/a-*.jsonl", "validation": f"{corpus_dir}/heldout.jsonl"})}
     )
     cfg.seq_len = SEQ_LEN
     cfg.batch_size = 4
     cfg.prefetch_buffer_size = 8
+    cfg.chunk_shuffle_window = 0
+    cfg.fim.fim_rate = 0.0
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -104,7 +110,7 @@ def test_restore_resumes_exactly(
     corpus_dir: Path, tokenizer: SentencePieceTokenizer, resume_after: int, packing_bins: int, window: int
 ) -> None:
     cfg = data_config(corpus_dir, read_threads=2, packing_bins=packing_bins, chunk_shuffle_window=window)
-    cfg.sources.b = source_config("arrayrecord", {"train": f"{corpus_dir}/b.array_record"}, weight=0.5)
+    cfg.sources.b = base.source("arrayrecord", {"train": f"{corpus_dir}/b.array_record"}, weight=0.5)
     build = lambda: build_iterator(cfg, tokenizer, process_index=0, process_count=1)  # noqa: E731
     uninterrupted = take(build(), resume_after + 6)
 
@@ -184,7 +190,7 @@ def test_finite_epoch_drops_no_token(corpus_dir: Path, tokenizer: SentencePieceT
 
 def test_mixture_follows_weights(corpus_dir: Path, tokenizer: SentencePieceTokenizer) -> None:
     cfg = data_config(corpus_dir, seq_len=2048)
-    cfg.sources.b = source_config("arrayrecord", {"train": f"{corpus_dir}/b.array_record"}, weight=3.0)
+    cfg.sources.b = base.source("arrayrecord", {"train": f"{corpus_dir}/b.array_record"}, weight=3.0)
     texts = documents_in(take(build_iterator(cfg, tokenizer, process_index=0, process_count=1), 5), tokenizer)
     assert len(texts) > 60
     from_b = sum(t.startswith("# b ") for t in texts)
@@ -196,7 +202,7 @@ def test_validation_split_and_tfds_source(corpus_dir: Path, tokenizer: SentenceP
     write_tfds_dataset(tmp_path, "toy", {"validation": [records]})
     tfds_cfg = data_config(corpus_dir, num_epochs=1, seq_len=2048, shuffle=False)
     tfds_cfg.sources = ml_collections.ConfigDict(
-        {"t": source_config("tfds", {"validation": "validation"}, tfds_name="toy", tfds_data_dir=str(tmp_path))}
+        {"t": base.source("tfds", {"validation": "validation"}, tfds_name="toy", tfds_data_dir=str(tmp_path))}
     )
     jsonl_cfg = data_config(corpus_dir, num_epochs=1, seq_len=2048, shuffle=False)
     from_tfds = all_batches(build_iterator(tfds_cfg, tokenizer, split="validation", process_index=0, process_count=1))
@@ -234,19 +240,38 @@ def test_transforms_supply_tokens_and_loss_mask(corpus_dir: Path, tokenizer: Sen
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: setattr(c, "seq_len", 0), r"data\.seq_len must be an integer >= 1"),
-        (lambda c: setattr(c, "num_epochs", 0), r"data\.num_epochs must be an integer >= 1"),
-        (lambda c: setattr(c.sources.a, "weight", -1.0), r"data\.sources\.a\.weight must be a positive number"),
-        (lambda c: setattr(c.sources.a, "kind", "csv"), r"data\.sources\.a\.kind must be one of"),
-        (lambda c: c.sources.a.splits.update({"train": ""}), r"data\.sources\.a\.splits must map"),
-        (lambda c: setattr(c, "sources", ml_collections.ConfigDict()), r"data\.sources must name at least one"),
+        (lambda c: setattr(c, "seq_len", 0), r"^data\.seq_len: input should be greater than or equal to 1, got 0$"),
+        (lambda c: setattr(c, "num_epochs", 0), r"^data\.num_epochs: input should be greater than or equal to 1"),
+        (lambda c: setattr(c, "shuffle_seed", 2**32), r"^data\.shuffle_seed: input should be less than 4294967296, "),
+        (lambda c: setattr(c, "seq_lne", 64), r"^no field 'data\.seq_lne'; did you mean 'data\.seq_len'\?$"),
+        (lambda c: setattr(c.sources.a, "weight", -1.0),
+         r"^data\.sources\.a\.weight: input should be greater than 0, got -1\.0$"),
+        (lambda c: setattr(c.sources.a, "kind", "csv"),
+         r"^data\.sources\.a\.kind: input should be 'jsonl', 'arrayrecord' or 'tfds', got 'csv'$"),
+        (lambda c: setattr(c.sources.a, "kind", "tfds"), r"^data\.sources\.a\.tfds_name: required for a tfds source$"),
+        (lambda c: c.sources.a.splits.update({"train": ""}),
+         r"^data\.sources\.a\.splits\.train: string should have at least 1 character, got ''$"),
+        (lambda c: setattr(c, "sources", ml_collections.ConfigDict()),
+         r"^data\.sources: dictionary should have at least 1 item"),
     ],
 )
-def test_invalid_config_names_the_field(corpus_dir: Path, mutate, message: str) -> None:
+def test_invalid_config_names_the_field(
+    corpus_dir: Path, tokenizer: SentencePieceTokenizer, mutate, message: str
+) -> None:
     cfg = data_config(corpus_dir)
     mutate(cfg)
-    with pytest.raises(ValueError, match=message):
-        validate_data_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        as_data_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        build_iterator(cfg, tokenizer, process_index=0, process_count=1)
+
+
+def test_overrides_are_checked_like_config_fields(corpus_dir: Path, tokenizer: SentencePieceTokenizer) -> None:
+    cfg = data_config(corpus_dir)
+    with pytest.raises(ConfigError, match=r"^data\.seq_len: input should be greater than or equal to 1, got 0$"):
+        build_iterator(cfg, tokenizer, seq_len=0, process_index=0, process_count=1)
+    with pytest.raises(ConfigError, match=r"^data\.shuffle_seed: input should be greater than or equal to 0, got -1$"):
+        build_iterator(cfg, tokenizer, seed=-1, process_index=0, process_count=1)
 
 
 def test_build_errors_name_the_field(corpus_dir: Path, tokenizer: SentencePieceTokenizer) -> None:
@@ -260,8 +285,18 @@ def test_build_errors_name_the_field(corpus_dir: Path, tokenizer: SentencePieceT
         build_iterator(cfg, tokenizer, process_index=0, process_count=1)
 
 
+def test_a_data_config_and_its_config_dict_give_the_same_stream(
+    corpus_dir: Path, tokenizer: SentencePieceTokenizer
+) -> None:
+    cfg = data_config(corpus_dir)
+    typed = as_data_config(cfg)
+    assert isinstance(typed, DataConfig) and as_data_config(typed) is typed
+    build = lambda c: build_iterator(c, tokenizer, seed=3, process_index=0, process_count=1)  # noqa: E731
+    assert_same_batches(take(build(cfg), 3), take(build(typed), 3))
+
+
 def test_default_config_is_valid() -> None:
-    validate_data_config(default_data_config())
+    assert isinstance(as_data_config(base.get_config().data), DataConfig)
 
 
 def test_to_global_batch_shards_rows_over_the_mesh(corpus_dir: Path, tokenizer: SentencePieceTokenizer) -> None:

@@ -8,12 +8,13 @@ import sysconfig
 from pathlib import Path
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 
-from data.code import config as config_lib
+from configs import base
+from configs.schema import ConfigError
 from data.code import fim
+from data.config import FIMConfig, as_data_config
 from tests.data.code.fakes import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -228,55 +229,29 @@ def test_prefix_rate_counts_infill_targets_and_pieces() -> None:
         fim.fim_prefix_rate([{"inputs": inputs, "segment_ids": segment_ids}], pre)
 
 
-@dataclasses.dataclass(frozen=True)
-class TypedFIMConfig:
-    """A typed, frozen `data.fim` section, as a schema-based config would hold it."""
-
-    fim_rate: float = 0.5
-    spm_rate: float = 0.5
-    level: str = "context"
-
-
-def test_settings_cover_every_config_field_and_read_typed_configs() -> None:
-    assert [f.name for f in dataclasses.fields(fim.FIMSettings)] == sorted(config_lib.default_fim_config().keys(),
-                                                                          key=["fim_rate", "spm_rate", "level"].index)
-    assert fim.FIMSettings.from_config(config_lib.default_fim_config()) == fim.FIMSettings(0.5, 0.5, "chunk")
-    assert fim.FIMSettings.from_config(TypedFIMConfig()).level == "context"
-    assert fim.FIMSettings(0.2, 0.7, "document").stream_config() == {
-        "fim.fim_rate": 0.2, "fim.spm_rate": 0.7, "fim.level": "document"}
+def test_stream_config_holds_every_fim_field() -> None:
+    config = FIMConfig(fim_rate=0.2, spm_rate=0.7, level="document")
+    assert fim.stream_config(config) == {"fim.fim_rate": 0.2, "fim.spm_rate": 0.7, "fim.level": "document"}
+    assert len(fim.stream_config(config)) == len(dataclasses.fields(FIMConfig))
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"level": "file"}, r"^data\.fim\.level: must be one of 'chunk', 'context', 'document', got 'file'$"),
-        ({"fim_rate": 1.5}, r"^data\.fim\.fim_rate: must be a number in \[0, 1\], got 1\.5$"),
-        ({"spm_rate": "half"}, r"^data\.fim\.spm_rate: must be a number in \[0, 1\], got 'half'$"),
+        ({"level": "file"}, r"^data\.fim\.level: input should be 'chunk', 'context' or 'document', got 'file'$"),
+        ({"fim_rate": 1.5}, r"^data\.fim\.fim_rate: input should be less than or equal to 1, got 1\.5$"),
+        ({"spm_rate": "half"}, r"^data\.fim\.spm_rate: input should be a valid number, .*, got 'half'$"),
+        ({"levle": "chunk"}, r"^no field 'data\.fim\.levle'; did you mean 'data\.fim\.level'\?$"),
     ],
 )
 def test_validation_names_the_field(change: dict, message: str) -> None:
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate_fim_config(dataclasses.replace(TypedFIMConfig(), **change))
-    config = ml_collections.ConfigDict(config_lib.default_fim_config().to_dict(), type_safe=False)
-    config.update(change)
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate_fim_config(config)
+    data = base.get_config().data.to_dict()
+    data["fim"].update(change)
+    with pytest.raises(ConfigError, match=message):
+        as_data_config(data)
 
 
-def test_validation_names_a_missing_field() -> None:
-    config = config_lib.default_fim_config()
-    del config["level"]
-    with pytest.raises(config_lib.ConfigError, match=r"^data\.fim\.level: missing$"):
-        config_lib.validate_fim_config(config)
-
-
-def test_record_transform_from_config() -> None:
-    config = config_lib.default_fim_config()
-    config.level = "document"
-    assert isinstance(fim.make_fim_transform(config, TOK), fim.FIMTransform)
-    config.level = "chunk"
-    with pytest.raises(config_lib.ConfigError, match="data.fim.level: 'chunk' FIM is a stage of"):
-        fim.make_fim_transform(config, TOK)
+def test_transform_checks_its_rates() -> None:
     with pytest.raises(ValueError, match="fim_rate"):
         fim.FIMTransform(TOK, fim_rate=-0.1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from configs.schema import ConfigError
 from data.code import config as config_lib
 from data.code import decontam, preparation, shards
 from tests.data.code.fakes import ByteTokenizer
@@ -180,7 +181,7 @@ def test_invalid_config_errors_name_the_field(field: str, value: object) -> None
     config_lib.validate_prepare_config(config)
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
-    with pytest.raises(config_lib.ConfigError, match=f"config field {field}:"):
+    with pytest.raises(ConfigError, match=f"config field {field}:"):
         config_lib.validate_prepare_config(config)
 
 
