@@ -2,15 +2,18 @@
 expert parallelism, balancing losses and load metrics.
 
 Shape letters: B batch, T length, D d_model, F expert MLP width, E experts, K experts per token,
-N tokens on one device (B * T there), M routed rows (N * K), C capacity slots per expert, P
-expert-parallel shards, L experts per shard (E / P), G groups of a grouped matmul.
+N tokens on one device (B * T there), M routed rows (N * K), C capacity slots per expert and
+sequence, S sequences on one device, P expert-parallel shards, L experts per shard (E / P), G groups
+of a grouped matmul.
 
 Execution paths (`MoEConfig.impl`), equal whenever no token is dropped:
   dropless  assignments sorted by expert, every expert MLP run as a grouped matmul over its rows
             (kernel seam: `register_grouped_matmul`); nothing is dropped.
-  capacity  every expert gets C = ceil(capacity_factor * N * K / E) slots per device (at most N);
-            assignments are served in (choice rank, token) order, i.e. every token's first choice
-            before any second choice (GShard), and those past an expert's C-th slot are dropped.
+  capacity  every expert gets C = ceil(capacity_factor * T * K / E) slots per sequence (at most T;
+            GShard's groups are sequences here); within a sequence assignments are served in (choice
+            rank, token) order, i.e. every token's first choice before any second choice, and those
+            past an expert's C-th slot are dropped. Capacity is per sequence, not per device, so which
+            tokens are dropped does not depend on the mesh or on how the batch is sharded.
 Expert parallelism: under `models.sharding.sharding_context` the experts run per device inside
 `jax.shard_map`; when the "experts" logical axis maps to mesh axes of size P > 1, each device sends
 its tokens to the shards holding their experts with `all_to_all` and gets the results back the same
@@ -318,15 +321,27 @@ def dropless_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w:
     return combine_sorted(grouped_expert_mlp(rows, sorted_.group_sizes, w, matmul), sorted_.order, weights)
 
 
+def sequence_slots(expert_ids: jax.Array, num_experts: int, sequences: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """expert_ids [N, K] of S = `sequences` sequences -> (slots [N, K], kept [N, K]): each sequence
+    queues at every expert separately (`capacity_slots`) and gets its own `capacity` slots, laid out
+    sequence-major in a buffer of S * C slots per expert; a dropped assignment's slot is S * C."""
+    n, k = expert_ids.shape
+    queued = jax.vmap(capacity_slots, in_axes=(0, None))(expert_ids.reshape(sequences, n // sequences, k), num_experts)
+    kept = queued < capacity
+    first_slot = capacity * jnp.arange(sequences)[:, None, None]
+    slots = jnp.where(kept, queued + first_slot, sequences * capacity)
+    return slots.reshape(n, k), kept.reshape(n, k)
+
+
 def capacity_experts(
-    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig
+    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig, sequences: int
 ) -> tuple[jax.Array, jax.Array]:
-    """x [N, D], expert_ids/weights [N, K] -> (y [N, D], kept [N, K]) with every expert of w local."""
+    """x [N, D] (S sequences), expert_ids/weights [N, K] -> (y [N, D], kept [N, K]) with every expert of w local."""
     num_experts = w.up.shape[0]
-    capacity = expert_capacity(x.shape[0], moe)
-    slots = capacity_slots(expert_ids, num_experts)
-    out = batched_expert_mlp(dispatch_to_slots(x, expert_ids, slots, num_experts, capacity), w)
-    return combine_slots(out, expert_ids, slots, weights), slots < capacity
+    capacity = expert_capacity(x.shape[0] // sequences, moe)
+    slots, kept = sequence_slots(expert_ids, num_experts, sequences, capacity)
+    out = batched_expert_mlp(dispatch_to_slots(x, expert_ids, slots, num_experts, sequences * capacity), w)
+    return combine_slots(out, expert_ids, slots, weights), kept
 
 
 # ---- expert parallelism: the same, with experts split over P devices ---------------------------------
@@ -341,20 +356,21 @@ def _all_to_all(x: jax.Array, axis: AxisName) -> jax.Array:
 
 def capacity_experts_parallel(
     x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_local: ExpertWeights, moe: MoEConfig,
-    axis: AxisName, shards: int,
+    sequences: int, axis: AxisName, shards: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """`capacity_experts` with this device holding L = E / P experts (GShard): the [E, C, D] slot
-    buffer is exchanged so that each shard receives the [P, L, C, D] slots of its experts."""
+    """`capacity_experts` with this device holding L = E / P experts (GShard): the [E, S * C, D] slot
+    buffer is exchanged so that each shard receives the [P, L, S * C, D] slots of its experts."""
     n, d = x.shape
     num_experts, local = moe.num_experts, w_local.up.shape[0]
-    capacity = expert_capacity(n, moe)
-    slots = capacity_slots(expert_ids, num_experts)
+    per_sequence = expert_capacity(n // sequences, moe)
+    slots, kept = sequence_slots(expert_ids, num_experts, sequences, per_sequence)
+    capacity = sequences * per_sequence
     buffer = dispatch_to_slots(x, expert_ids, slots, num_experts, capacity)
     received = _all_to_all(buffer.reshape(shards, local, capacity, d), axis)  # [P(source), L, C, D]
     per_expert = received.transpose(1, 0, 2, 3).reshape(local, shards * capacity, d)
     out = batched_expert_mlp(per_expert, w_local).reshape(local, shards, capacity, d).transpose(1, 0, 2, 3)
     returned = _all_to_all(out, axis).reshape(num_experts, capacity, d)
-    return combine_slots(returned, expert_ids, slots, weights), slots < capacity
+    return combine_slots(returned, expert_ids, slots, weights), kept
 
 
 def dropless_experts_parallel(
@@ -438,11 +454,11 @@ def _placement(mesh: Mesh, rules: sharding.Rules, x_shape: Sequence[int], w: Exp
 
 def experts_on_device(
     x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig,
-    placement: _Placement | None = None,
+    placement: _Placement | None = None, sequences: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """One device's tokens x [N, D], expert_ids/weights [N, K] through the routed experts, with the
-    experts of w all local (placement None or one expert shard) or split over the expert axes.
-    Returns (y [N, D], kept [N, K]; all True when dropless)."""
+    """One device's tokens x [N, D] (`sequences` sequences of N / S tokens), expert_ids/weights [N, K]
+    through the routed experts, with the experts of w all local (placement None or one expert shard)
+    or split over the expert axes. Returns (y [N, D], kept [N, K]; all True when dropless)."""
     shards = 1 if placement is None else placement.expert_shards
     axis = None if shards == 1 else _axis_name(placement.expert_axes)
     if moe.impl == "dropless":
@@ -453,9 +469,9 @@ def experts_on_device(
             y = dropless_experts_parallel(x, expert_ids, weights, w, matmul, axis, shards)
         kept = jnp.ones(expert_ids.shape, jnp.bool_)
     elif axis is None:
-        y, kept = capacity_experts(x, expert_ids, weights, w, moe)
+        y, kept = capacity_experts(x, expert_ids, weights, w, moe, sequences)
     else:
-        y, kept = capacity_experts_parallel(x, expert_ids, weights, w, moe, axis, shards)
+        y, kept = capacity_experts_parallel(x, expert_ids, weights, w, moe, sequences, axis, shards)
     if placement is not None and placement.tensor_axes:
         y = jax.lax.psum(y, _axis_name(placement.tensor_axes))  # partial sums over the F shards
     return y, kept
@@ -466,15 +482,16 @@ def routed_experts(
 ) -> tuple[jax.Array, jax.Array | None]:
     """x [B, T, D], expert_ids/weights [B, T, K] -> (y [B, T, D], kept [B, T, K] or None when dropless).
 
-    Without a sharding context everything runs here; with one, per device in shard_map (so sorting
-    and capacity are per device), exchanging tokens over the expert axes when they have size > 1.
+    Without a sharding context everything runs here; with one, per device in shard_map, exchanging
+    tokens over the expert axes when they have size > 1. Capacity is per sequence either way, so
+    the result does not depend on the context (only where the work runs does).
     """
 
     def flat(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights,
              placement: _Placement | None) -> tuple[jax.Array, jax.Array]:
         b, t, d = x.shape
         y, kept = experts_on_device(x.reshape(b * t, d), expert_ids.reshape(b * t, -1), weights.reshape(b * t, -1),
-                                    w, moe, placement)
+                                    w, moe, placement, sequences=b)
         return y.reshape(b, t, d), kept.reshape(b, t, -1)
 
     ctx = sharding.current_sharding()

@@ -170,13 +170,36 @@ def test_capacity_equals_reference_when_nothing_is_dropped():
 
 
 def test_capacity_drops_exactly_the_assignments_beyond_capacity():
-    capacity_factor = 1.0
+    """Capacity is per sequence: each of the B sequences queues at every expert on its own."""
+    capacity_factor = 0.7
     cfg = moe_config(impl="capacity", capacity_factor=capacity_factor, **ROUTINGS["mixtral"])
-    n_tokens = N_TOKENS[0] * N_TOKENS[1]
-    capacity = expert_capacity(n_tokens, cfg.moe)
-    assert capacity == int(np.ceil(capacity_factor * n_tokens * 2 / 8))
-    aux = check_against_reference(cfg, kept_fn=lambda choices: reference_capacity_kept(choices, capacity))
+    batch, length = N_TOKENS
+    capacity = expert_capacity(length, cfg.moe)
+    assert capacity == int(np.ceil(capacity_factor * length * 2 / 8))
+
+    def kept(choices):
+        per_sequence = choices.reshape(batch, length, -1)
+        return np.concatenate([reference_capacity_kept(c, capacity) for c in per_sequence]).reshape(choices.shape)
+
+    aux = check_against_reference(cfg, kept_fn=kept)
     assert float(aux["dropped_fraction"]) > 0
+
+
+def test_capacity_does_not_depend_on_the_mesh():
+    """The same tokens are dropped, and the same output computed, on one device and on an
+    8-device mesh with the batch split over fsdp and the experts over the expert axis."""
+    from configs.sharding_rules import DEFAULT_RULES
+    from models.sharding import make_mesh, sharding_context
+
+    cfg = dataclasses.replace(moe_config(impl="capacity", capacity_factor=0.5, **ROUTINGS["mixtral"]))
+    layer = make_layer(cfg)
+    x = jax.random.normal(jax.random.key(3), (8, 16, cfg.d_model))
+    y_one, aux_one = jax.jit(lambda x: layer(x))(x)
+    with sharding_context(make_mesh({"fsdp": 2, "expert": 4}), DEFAULT_RULES):
+        y_mesh, aux_mesh = jax.jit(lambda x: layer(x))(x)
+    assert float(aux_one["dropped_fraction"]) > 0.1
+    assert float(aux_mesh["dropped_fraction"]) == float(aux_one["dropped_fraction"])
+    np.testing.assert_allclose(y_mesh, y_one, rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_slots_serve_first_choices_first():
