@@ -80,6 +80,7 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.data.packing_bins = 32  # rows filled at once by first-fit packing (more: less padding)
     # Code files are often longer than a row: mix the chunks of ~1k rows so no batch is one file.
     cfg.data.chunk_shuffle_window = 1024
+    cfg.data.host_sharding = "records"  # records: each host reads 1/P of the data | global: see data/config.py
     # Fill-in-the-middle (Bavarian et al. 2022), PSM and SPM mixed: data/code/fim.py.
     cfg.data.fim = ConfigDict()
     cfg.data.fim.fim_rate = 0.5  # fraction of row chunks (or packed documents) permuted

@@ -64,6 +64,11 @@ class DataConfig:
     prefetch_buffer_size: Annotated[int, Field(ge=1)] = 64
     packing_bins: Annotated[int, Field(ge=1)] = 32
     chunk_shuffle_window: Annotated[int, Field(ge=0)] = 0
+    # "records": each process reads every P-th record and packs its own rows (scales with hosts).
+    # "global": each process builds the whole global batch stream and keeps its rows: batches do not
+    # depend on the number of processes (a run resumes on another process count, a P-process run
+    # equals a 1-process run), at the cost of every host reading and tokenizing everything.
+    host_sharding: Literal["records", "global"] = "records"
     fim: FIMConfig = FIMConfig(fim_rate=0.0)
 
     def __post_init__(self) -> None:

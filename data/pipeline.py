@@ -14,7 +14,11 @@ The config is the typed `data` section, `data.config.DataConfig` (validated once
 unless `build_iterator(..., fim=False)`.
 
 Every process reads only its slice of every source, so P processes together
-read each record exactly once per epoch. Shuffling is a seeded permutation
+read each record exactly once per epoch. With `data.host_sharding="global"` every
+process instead runs the whole stream (as process 0 of 1) and keeps its rows of
+each global batch, so the batches do not depend on the process count: a P-process
+run trains on exactly what a 1-process run does, and resumes on any process
+count. Shuffling is a seeded permutation
 that changes every epoch, so the stream is a pure function of (config, seed,
 process_index, process_count); `DataIterator.get_state()` records the position
 in it and `set_state` resumes exactly there. See `data.packing` for how
@@ -174,6 +178,12 @@ def build_iterator(
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
     local_batch = cfg.batch_size // process_count
+    # Global host sharding: read as the only process, batch globally, keep this process's rows.
+    rows_of_process = process_index if cfg.host_sharding == "global" else None
+    if rows_of_process is not None:
+        process_index, process_count, batch_rows = 0, 1, cfg.batch_size
+    else:
+        batch_rows = local_batch
     fim_cfg = _fim_config(cfg, transforms) if fim else None
     level = fim_cfg.level if fim_cfg is not None else None
     fim_seed = _derived_seed(cfg.shuffle_seed, FIM_SEED_SALT)
@@ -238,7 +248,9 @@ def build_iterator(
         rows = rows.random_map(context_fim, seed=fim_seed)
         if mark_fim_infill:
             rows = rows.map(fim_lib.MarkInfill(tokenizer.fim_middle_id))
-    batches = rows.batch(local_batch, drop_remainder=False).map(PadBatch(local_batch, tokenizer.pad_id))
+    batches = rows.batch(batch_rows, drop_remainder=False).map(PadBatch(batch_rows, tokenizer.pad_id))
+    if rows_of_process is not None:
+        batches = batches.map(TakeRows(rows_of_process * local_batch, local_batch))
     if cfg.num_workers:
         if not absl_flags.FLAGS.is_parsed():
             # grain's worker processes read absl flags; programs not started through
@@ -256,7 +268,8 @@ def build_iterator(
         "packing_bins": cfg.packing_bins,
         "chunk_shuffle_window": cfg.chunk_shuffle_window,
         "num_workers": cfg.num_workers,
-        "process_index": process_index,
+        "host_sharding": cfg.host_sharding,
+        "process_index": process_index,  # 0 of 1 with global host sharding: any process count resumes
         "process_count": process_count,
         "vocab_size": tokenizer.vocab_size,
         "sources": {
@@ -282,6 +295,16 @@ def _fim_config(cfg: DataConfig, transforms: Sequence[Any]) -> FIMConfig | None:
     if any(isinstance(t, fim_lib.FIMTransform) for t in transforms):
         raise ValueError("transforms hold a FIMTransform while data.fim.fim_rate > 0: FIM comes from data.fim alone")
     return cfg.fim
+
+
+class TakeRows(grain.transforms.Map):
+    """A batch's rows [start, start + count): this process's part of a global batch."""
+
+    def __init__(self, start: int, count: int):
+        self.start, self.count = start, count
+
+    def map(self, batch: Batch) -> Batch:
+        return {name: array[self.start : self.start + self.count] for name, array in batch.items()}
 
 
 def _mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain.MapDataset:
