@@ -218,7 +218,7 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, text_field: str = "text"):
-        import tensorflow_datasets as tfds  # slow import, only needed here
+        import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only needed here)
 
         self._name, self._split, self._text_field = name, split, text_field
         try:

@@ -41,7 +41,7 @@ def write_tfds_dataset(
     Returns:
       The dataset's version directory.
     """
-    import tensorflow_datasets as tfds  # slow import, only needed here
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only needed here)
 
     features = tfds.features.FeaturesDict({field: tfds.features.Text() for field in ("text", *METADATA_FIELDS)})
     version_dir = Path(data_dir) / name / TFDS_VERSION
