@@ -35,7 +35,9 @@ from sandbox.endpoints import Endpoint, EndpointPool
 from sandbox.retry import SAFE_STATUS, RetryPolicy, is_safe_error, retry_after
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_KEEPALIVE_EXPIRY_S = 30.0  # below the service's keep-alive timeout, so it never closes one we reuse
+# Below the service's idle limits (keep-alive timeout, and sandbox.bounds.DRAIN_IDLE_S when it stops),
+# so the service never closes a connection this client is about to reuse.
+_KEEPALIVE_EXPIRY_S = 2.0
 
 
 class SandboxClientError(Exception):
@@ -196,6 +198,7 @@ class SandboxClient:
                 if response.status_code not in SAFE_STATUS:
                     raise SandboxClientError(f"{method} {path} to {endpoint.url}: HTTP {response.status_code}: "
                                              f"{last_detail}", response.status_code, last_detail)
+                self.endpoints.mark_down(endpoint)  # busy or going away: prefer the others for a while
                 last_error, wait_hint = f"HTTP {response.status_code}: {last_detail}", retry_after(response)
             if attempt == policy.max_attempts - 1 or time.monotonic() >= deadline:
                 break
@@ -209,13 +212,15 @@ class SandboxClient:
     async def _attempt(self, endpoint: Endpoint, method: str, path: str, payload: Any, headers: dict[str, str],
                        timeout: httpx.Timeout) -> httpx.Response:
         async with self._slots:
+            started = time.monotonic()
             endpoint.in_flight += 1
             try:
                 response = await self._http.request(method, endpoint.url + path, json=payload, headers=headers,
                                                     timeout=timeout)
             finally:
                 endpoint.in_flight -= 1
-        self.endpoints.mark_up(endpoint)
+        if response.status_code not in SAFE_STATUS:
+            self.endpoints.mark_up(endpoint, started)
         return response
 
 

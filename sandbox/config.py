@@ -30,7 +30,7 @@ class SandboxConfig:
     workers: int = _option(lambda: os.cpu_count() or 1, "sandboxes running at once (defaults to the CPU count)")
     max_queue: int = _option(256, "requests waiting for a worker; beyond this: 503 + Retry-After at once")
     max_request_bytes: int = _option(16 << 20, "largest request body; larger ones answer 413")
-    max_header_bytes: int = _option(64 << 10, "largest request line + headers; larger ones answer 400")
+    max_header_bytes: int = _option(64 << 10, "largest request line + headers; larger ones answer 431 (or 400)")
     max_connections: int = _option(1024, "open connections (and requests in progress); beyond: 503 + Retry-After")
     header_timeout_s: float = _option(10.0, "a connection must send a whole request head within this (s)")
     body_timeout_s: float = _option(30.0, "a request body must arrive within this after its head (s); else 408")

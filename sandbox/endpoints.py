@@ -1,9 +1,11 @@
 """Spreading requests over several service endpoints.
 
 Each call goes to the healthy endpoint with the fewest requests in flight from this client (ties
-broken round-robin). An endpoint that refuses connections is marked down for a cooldown that doubles
+broken round-robin). An endpoint that refuses connections (or answers 503: busy, or draining before it
+stops) is marked down for a cooldown that doubles
 with each consecutive failure (up to `max_cooldown_s`) and gets no new requests meanwhile; a success
-marks it up again. When every endpoint is down, the one due back first is tried.
+marks it up again, if that attempt started after the last failure (a slow answer to an older request
+says nothing about the endpoint now). When every endpoint is down, the one due back first is tried.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Endpoint:
     in_flight: int = 0
     failures: int = 0  # consecutive connection failures
     down_until: float = 0.0  # time.monotonic() before which no new request is sent here
+    failed_at: float = 0.0  # time.monotonic() of the last failure
 
 
 def _base_url(url: str) -> str:
@@ -52,10 +55,14 @@ class EndpointPool:
 
     def mark_down(self, endpoint: Endpoint) -> None:
         endpoint.failures += 1
+        endpoint.failed_at = time.monotonic()
         cooldown = min(self.max_cooldown_s, self.base_cooldown_s * 2 ** (endpoint.failures - 1))
         endpoint.down_until = time.monotonic() + cooldown
 
-    def mark_up(self, endpoint: Endpoint) -> None:
+    def mark_up(self, endpoint: Endpoint, attempt_started: float) -> None:
+        """A success of an attempt that began at `attempt_started` (time.monotonic())."""
+        if attempt_started < endpoint.failed_at:
+            return
         endpoint.failures = 0
         endpoint.down_until = 0.0
 

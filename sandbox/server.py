@@ -13,7 +13,8 @@ bad field; 503 + `Retry-After` when the queue is full (the program was not run) 
 connections are open; 408/413 for a body too slow or too large (see `sandbox.bounds`).
 
 A request whose client disconnects is cancelled, and its sandbox killed. SIGTERM stops accepting
-connections, lets requests in progress finish for `--drain-timeout-s`, then cancels the rest.
+connections (after answering 503 for a second, so clients move away first), lets requests in progress
+finish for `--drain-timeout-s`, then cancels the rest.
 On start it prints `sandbox: listening on http://HOST:PORT` to stdout (with the real port when
 `--port 0`), after a self-test sandbox has run, so launchers can wait for that line.
 """
@@ -47,7 +48,7 @@ from sandbox.api import (
     RunTestsRequest,
     RunTestsResponse,
 )
-from sandbox.bounds import BodyLimit, head_deadline_protocol
+from sandbox.bounds import RequestLimits, head_deadline_protocol
 from sandbox.cgroups import CgroupSet, discover_cgroups
 from sandbox.executor import Executor, LanguageUnavailable, Program, runs_as_slot_uids
 from sandbox.hostmounts import private_mount_namespace
@@ -60,6 +61,7 @@ log = logging.getLogger("sandbox")
 runs_log = logging.getLogger("sandbox.runs")  # one DEBUG line per executed request, with its X-Request-Id
 READY_PREFIX = "sandbox: listening on "
 REQUEST_ID_HEADER = "X-Request-Id"
+DRAIN_LINGER_S = 1.0  # on SIGTERM: answering 503 before the listener closes (see `stop` in `_run_server`)
 
 Response = TypeVar("Response", RunCodeResponse, RunTestsResponse)
 
@@ -174,7 +176,8 @@ def create_app(service: Service) -> fastapi.FastAPI:
         return await unless_disconnected(
             request, service.execute(body, request_id, service.executor.run_tests, RunTestsResponse))
 
-    app.add_middleware(BodyLimit, max_bytes=service.config.max_request_bytes, timeout_s=service.config.body_timeout_s)
+    app.add_middleware(RequestLimits, max_header_bytes=service.config.max_header_bytes,
+                       max_bytes=service.config.max_request_bytes, timeout_s=service.config.body_timeout_s)
     return app
 
 
@@ -259,8 +262,15 @@ async def _run_server(app: fastapi.FastAPI, config: config_lib.SandboxConfig,
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
-        server.force_exit = server.should_exit  # a second signal skips the drain
-        server.should_exit = True
+        """First refuse new requests with 503 for a moment, so clients take this endpoint out of
+        rotation while it still answers; then close the listener and drain what is running."""
+        if server.config.limit_concurrency == 0:  # a second signal skips the drain
+            server.force_exit = server.should_exit = True
+            return
+        server.config.limit_concurrency = 0
+        for connection in server.server_state.connections:
+            connection.limit_concurrency = 0
+        loop.call_later(DRAIN_LINGER_S, setattr, server, "should_exit", True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
