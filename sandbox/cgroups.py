@@ -73,6 +73,11 @@ def _make_group(path: str) -> None:
     os.mkdir(path)
 
 
+def _ensure_group(path: str) -> None:
+    if not os.path.isdir(path):
+        _make_group(path)
+
+
 def _remove_dir(path: str) -> None:
     os.rmdir(path)
 
@@ -211,6 +216,8 @@ class CgroupSet:
         paths: dict[str, str] = {}
         try:
             for key, parent in self.parents.items():
+                if key == "cpu" and limits.cpus <= 0 or key == "blkio" and not (limits.io_bytes_per_s and limits.io_device):
+                    continue  # v1 groups cost a mkdir/rmdir each: only where there is a limit to apply
                 path = os.path.join(parent, run_id)
                 _make_group(path)
                 paths[key] = path
@@ -292,7 +299,7 @@ def _discover_v2(mounts: list[_Mount], own: dict[str, str], service_id: str) -> 
     try:
         _delegate(base, wanted)
         service = os.path.join(base, service_id)
-        os.makedirs(service, exist_ok=True)
+        _ensure_group(service)
         _write(os.path.join(service, "cgroup.subtree_control"), " ".join(f"+{c}" for c in wanted))
     except OSError as e:
         return None, f"cannot set up cgroup v2 under {base}: {e.strerror or e}"
@@ -311,7 +318,7 @@ def _delegate(base: str, controllers: list[str]) -> None:
         if e.errno != errno.EBUSY:
             raise
     leaf = os.path.join(base, V2_LEAF)
-    os.makedirs(leaf, exist_ok=True)
+    _ensure_group(leaf)
     for pid in _read(os.path.join(base, "cgroup.procs")).split():
         with contextlib.suppress(ProcessLookupError):
             _write(os.path.join(leaf, "cgroup.procs"), pid)

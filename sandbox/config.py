@@ -50,7 +50,7 @@ class SandboxConfig:
     max_fetch_file_bytes: int = _option(16 << 20, "largest file returned through fetch_files")
     max_fetch_total_bytes: int = _option(64 << 20, "largest total of the files returned by one request")
     workspace_size_mb: int = _option(512, "size cap of a run's workspace (a tmpfs when the service is root) (MiB)")
-    cpus_per_run: float = _option(1.0, "CPU quota of one sandboxed command through the cpu cgroup (0: none)")
+    cpus_per_run: float = _option(0.0, "CPU quota of one sandboxed command through the cpu cgroup (0: none)")
     io_bytes_per_s: int = _option(0, "read and write bandwidth of one command on the work root's disk (0: none)")
     seccomp: str = _option("on", "'on': the syscall filter of sandbox.seccomp applies to every command; 'off'")
     python: str = _option("/usr/bin/python3", "interpreter for user Python: the system's, not a virtualenv")

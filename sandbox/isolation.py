@@ -10,7 +10,8 @@ environment variables are not visible (`--clearenv`).
 
 Process chain (one exec chain, one host pid for the service to wait on):
 
-    /bin/bash LAUNCHER  (only with cgroups: waits until the service has moved it into the run's
+    setpriv --reuid ... (only as root: drops to the slot's uid)
+    /bin/sh LAUNCHER  (only with cgroups: waits until the service has moved it into the run's
                        groups, then execs)
       -> bwrap ...    (sets up namespaces and mounts; pid 1 of the new pid namespace reaps)
         -> prlimit ... -- <program>   (rlimits applied inside, so they bind the program only)
@@ -47,11 +48,10 @@ from sandbox.seccomp import SeccompUnavailable, bpf_program
 
 SANDBOX_UID = 1000  # the program's uid inside its user namespace
 WORKSPACE = "/workspace"
-# `bash -c LAUNCHER sandbox-launch command...`: wait for the service's go (one line on fd {gate}, written
-# once the launcher is in its cgroups; end of file means "do not run"), close the fd, exec the command.
-# bash, not sh: dash redirects only single-digit descriptors.
-LAUNCHER_SHELL = "/bin/bash"
-LAUNCHER = 'read -r go <&{gate} || exit 125; exec {gate}<&-; exec "$@"'
+# `sh -c LAUNCHER STDIN_PATH command...`, its stdin a pipe from the service: wait for the go (one line,
+# written once the launcher is in its cgroups; end of file means "do not run"), then exec the command
+# with the program's stdin file in place of the pipe.
+LAUNCHER = 'read -r go || exit 125; exec "$@" < "$0"'
 _ETC_ALLOWLIST = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "java-*")
 _ETC_SYNTHETIC = {
     "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}::{WORKSPACE}:/bin/sh\n",
@@ -109,6 +109,9 @@ class SandboxHost:
         if self.prlimit is None or not os.path.realpath(self.prlimit).startswith("/usr/"):
             raise SandboxUnavailable("`prlimit` (util-linux) is not installed under /usr")
         self.prlimit = os.path.realpath(self.prlimit)
+        self.setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+        if switches_uid and self.setpriv is None:
+            raise SandboxUnavailable("`setpriv` (util-linux) is not installed")
         self.cgroups = cgroups
         self.io_device = _block_device(state_dir)
         self.root_args = self._root_filesystem()
@@ -385,16 +388,18 @@ async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, works
     command = [host.bwrap, "--args", str(fds["args"]), "--", *host.sandboxed_command(argv, limits)]
     gate_read, gate_write = os.pipe() if groups is not None else (-1, -1)
     if groups is not None:
-        command = [LAUNCHER_SHELL, "-c", LAUNCHER.format(gate=gate_read), "sandbox-launch", *command]
-        fds["gate"] = gate_read
-    identity = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+        command = ["/bin/sh", "-c", LAUNCHER, stdin_path or os.devnull, *command]
+    if uid is not None:
+        # Dropping to the slot's uid in the child (not through Popen's user=/group=) lets Python
+        # spawn with vfork: a fork of the whole service would copy its page tables on every run.
+        command = [host.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
     try:
-        with open(stdin_path or os.devnull, "rb") as stdin:
+        with open(stdin_path or os.devnull, "rb") as stdin_file:
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
-                *command, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=tuple(fds.values()), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
-                cwd="/", **identity)
+                *command, stdin=stdin_file if groups is None else gate_read, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=tuple(fds.values()), start_new_session=True,
+                env={"PATH": "/usr/bin:/bin"}, cwd="/")
     except BaseException:
         if gate_write >= 0:
             os.close(gate_write)
@@ -404,9 +409,11 @@ async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, works
         for name, fd in fds.items():
             if name != "status":
                 os.close(fd)
+        if gate_read >= 0:
+            os.close(gate_read)
     if groups is not None:
         try:
-            groups.add(proc.pid)
+            await asyncio.to_thread(groups.add, proc.pid)  # a v1 migration can take milliseconds
             os.write(gate_write, b"go\n")
         except BaseException:
             os.close(gate_write)  # the launcher reads end of file and exits without running anything
