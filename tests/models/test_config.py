@@ -81,7 +81,7 @@ def test_validation_names_the_field():
         ModelConfig(norm="batch")
     with pytest.raises(ConfigError, match="rope_scaling.kind"):
         ModelConfig(rope_scaling={"kind": "ntk"})
-    with pytest.raises(ConfigError, match="model.d_modle: unknown field"):
+    with pytest.raises(ConfigError, match="no field 'model.d_modle'; did you mean 'model.d_model'?"):
         config_from_dict({"preset": "tiny", "d_modle": 3})
     with pytest.raises(ConfigError, match="model.preset: unknown preset 'gpt5'"):
         config_from_dict({"preset": "gpt5"})
@@ -98,7 +98,7 @@ def test_every_model_field_is_overridable_from_the_config_file_section():
     assert cfg.d_model == 128 and cfg.rope_scaling.kind == "linear" and cfg.n_layers == PRESETS["tiny"].n_layers
     section.moe.num_experts, section.moe.experts_per_token = 4, 1  # a dense preset becomes MoE
     assert config_from_dict(section).moe.num_experts == 4
-    with pytest.raises(ConfigError, match="model.moe.num_expert: unknown field"):
+    with pytest.raises(ConfigError, match="no field 'model.moe.num_expert'; did you mean 'model.moe.num_experts'?"):
         config_from_dict({"preset": "tiny", "moe": {"num_expert": 4}})
     with pytest.raises(ConfigError, match="model.moe.experts_per_token"):
         config_from_dict({"preset": "tiny", "moe": {"num_experts": 2, "experts_per_token": 3}})
