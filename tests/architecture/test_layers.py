@@ -34,12 +34,14 @@ def test_the_contracts_hold():
 
 
 @pytest.mark.parametrize("module, back_edge, contract", [
-    ("models/decoder.py", "import train.trainer", "Layers: configs <- data <- models <- train <- rl"),
-    ("configs/schema.py", "import data.config", "Layers: configs <- data <- models <- train <- rl"),
-    ("data/pipeline.py", "import models.config", "Layers: configs <- data <- models <- train <- rl"),
-    ("train/step.py", "import rl", "Layers: configs <- data <- models <- train <- rl"),
+    ("models/decoder.py", "import train.trainer", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("configs/schema.py", "import data.config", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("data/pipeline.py", "import models.config", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("train/step.py", "import rl", "Layers: configs <- data <- models <- evals <- train <- rl"),
     ("sandbox/api.py", "import configs.schema", "The execution service imports nothing of codelm"),
     ("evals/harness.py", "import train.trainer", "Evaluation uses the model stack and the sandbox client"),
+    ("models/sampler.py", "import evals.harness", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("train/trainer.py", "import bench.train_step", "Nothing imports benchmarks"),
     ("data/tokenizer.py", "import data.hf_tokenizer", "Tokenizers: the interface below its implementations"),
 ])
 def test_each_back_edge_breaks_its_contract(tree, module, back_edge, contract):
