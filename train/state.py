@@ -28,9 +28,13 @@ class TrainState:
     first_nonfinite_step: jax.Array
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, rest): the static structure, trainable parameters, other variables."""
-    return nnx.split(model, nnx.Param, ...)
+Filter = Any  # an nnx filter: a Variable type (nnx.Param, nnx.LoRAParam), a path predicate, ...
+
+
+def split_model(model: nnx.Module, trainable: Filter = nnx.Param) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, rest): the static structure, the trainable variables (`trainable`: all
+    parameters for full training, `nnx.LoRAParam` for LoRA) and every other variable."""
+    return nnx.split(model, trainable, ...)
 
 
 def init_train_state(
@@ -38,20 +42,25 @@ def init_train_state(
     make_tx: Callable[[nnx.State], optax.GradientTransformation],
     mesh: Mesh,
     rules: Rules,
+    *,
+    trainable: Filter = nnx.Param,
+    pretrained: nnx.Module | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation, Any]:
-    """Builds the initial state directly sharded on `mesh`.
+    """Builds the initial state directly sharded on `mesh`: a fresh `make_model()` (created inside
+    jit, so no device ever holds it unsharded), or the weights of `pretrained` (placed on the mesh;
+    its arrays are donated to the state).
 
-    Parameters get the shardings their logical axes map to; the optimizer state inherits them
-    through XLA's sharding propagation (its moments are elementwise functions of the parameters).
-    Returns (graphdef, state, tx, state_shardings); the shardings are also the restore target.
+    Parameters get the shardings their logical axes map to; the optimizer state (over the
+    `trainable` variables only: frozen weights get none) inherits them through XLA's sharding
+    propagation. Returns (graphdef, state, tx, state_shardings); the shardings are also the restore target.
     """
-    graphdef, abstract_params, abstract_rest = split_model(nnx.eval_shape(make_model))
+    template = pretrained if pretrained is not None else nnx.eval_shape(make_model)
+    graphdef, abstract_params, abstract_rest = split_model(template, trainable)
     tx = make_tx(abstract_params)
     param_shardings = state_shardings(abstract_params, mesh, rules)
     rest_shardings = state_shardings(abstract_rest, mesh, rules)
 
-    def init() -> TrainState:
-        _, params, rest = split_model(make_model())
+    def build(params: nnx.State, rest: nnx.State) -> TrainState:
         params = jax.lax.with_sharding_constraint(params, param_shardings)
         rest = jax.lax.with_sharding_constraint(rest, rest_shardings)
         return TrainState(
@@ -64,6 +73,10 @@ def init_train_state(
         )
 
     with sharding_context(mesh, rules):
-        compiled = jax.jit(init).lower().compile()
-        state = compiled()
+        if pretrained is None:
+            compiled = jax.jit(lambda: build(*split_model(make_model(), trainable)[1:])).lower().compile()
+            state = compiled()
+        else:
+            compiled = jax.jit(build, donate_argnums=(0, 1)).lower(abstract_params, abstract_rest).compile()
+            state = compiled(abstract_params, abstract_rest)
     return graphdef, state, tx, compiled.output_shardings

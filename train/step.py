@@ -76,6 +76,7 @@ def make_train_step(
     loss_fn: LossFn,
     *,
     post_update: PostUpdateFn | None = None,
+    trainable: Any = nnx.Param,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `step(state, batch) -> (state, metrics)`, to be jitted with the state donated.
 
@@ -84,7 +85,8 @@ def make_train_step(
     same update as one k-times-larger batch. A non-finite loss or gradient norm leaves params and
     optimizer state unchanged and is recorded in the state (the loop stops or continues).
     `post_update(model, metrics)` may update non-parameter variables from the step's averaged
-    metrics (MoE router biases from the per-layer expert loads).
+    metrics (MoE router biases from the per-layer expert loads). `trainable` is the filter that split
+    the state into params and rest (`train.state.split_model`).
     """
 
     def micro_step(params: nnx.State, rest: nnx.State, micro: Batch) -> tuple[jax.Array, jax.Array, dict, nnx.State]:
@@ -121,7 +123,7 @@ def make_train_step(
         if post_update is not None:
             model = nnx.merge(graphdef, params, rest, copy=True)
             post_update(model, metrics)
-            rest = nnx.state(model, nnx.Not(nnx.Param))
+            _, _, rest = nnx.split(model, trainable, ...)
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, rest, opt_state = _select(

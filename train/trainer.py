@@ -60,6 +60,8 @@ class TrainTask:
     eval_data: Callable[[], Iterator[HostBatch]] | None = None  # a fresh held-out iterator per eval
     post_update: PostUpdateFn | None = None
     init_model: Callable[[], nnx.Module] | None = None  # default: a freshly initialised Decoder
+    pretrained: nnx.Module | None = None  # start from these weights instead (its arrays are donated)
+    trainable: Any = nnx.Param  # what the optimizer updates (nnx.LoRAParam for LoRA); the rest stays frozen
 
 
 @dataclasses.dataclass
@@ -141,9 +143,12 @@ class Trainer:
             schedule.append(lr)
             return tx
 
-        self.graphdef, self._initial_state, tx, self.state_shardings = init_train_state(make_model, make_tx, self.mesh, self.rules)
+        self.graphdef, self._initial_state, tx, self.state_shardings = init_train_state(
+            make_model, make_tx, self.mesh, self.rules, trainable=task.trainable, pretrained=task.pretrained
+        )
         self.schedule = schedule[0]
-        self.n_params = sum(x.size for x in jax.tree.leaves(self._initial_state.params))
+        self.n_trainable = sum(x.size for x in jax.tree.leaves(self._initial_state.params))
+        self.n_frozen = sum(x.size for x in jax.tree.leaves(nnx.state(self._initial_state.rest, nnx.Param)))
         self.checkpointer = Checkpointer(self.output_dir / CHECKPOINTS, run.checkpoint)
 
         batch_spec = logical_to_mesh_spec(("batch", "activation_length"), self.rules, self.mesh)
@@ -151,7 +156,7 @@ class Trainer:
         self.eval_sharding = NamedSharding(self.mesh, batch_spec)
         with sharding_context(self.mesh, self.rules):
             self.train_step = jax.jit(
-                make_train_step(self.graphdef, tx, task.loss_fn, post_update=task.post_update),
+                make_train_step(self.graphdef, tx, task.loss_fn, post_update=task.post_update, trainable=task.trainable),
                 in_shardings=(self.state_shardings, self.batch_sharding),
                 out_shardings=(self.state_shardings, None),
                 donate_argnums=0,
@@ -242,7 +247,10 @@ class Trainer:
         state = self.initial_state()
         start = int(state.step)
         total, accum = self.config.train.steps, self.config.train.grad_accum
-        print_progress(f"model {self.task.model_config.name}: {self.n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}")
+        size = f"{self.n_trainable / 1e6:.2f}M parameters"
+        if self.n_frozen:
+            size = f"{self.n_trainable / 1e6:.2f}M trainable parameters (+{self.n_frozen / 1e6:.2f}M frozen)"
+        print_progress(f"model {self.task.model_config.name}: {size}, mesh {dict(self.mesh.shape)}")
         self._logger = MetricsLogger(self.output_dir)
         self._start_step, self._window = start, []
         step = start
