@@ -155,6 +155,17 @@ class HFTokenizer(Tokenizer):
         tokenizer = self._parsing if parse_special else self._plain
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str, *, parse_special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text, parse_special=...)` with each token's character span in `text`.
+
+        Returns (ids [n], offsets [n]): token i covers text[offsets[i][0]:offsets[i][1]] (Python string
+        indices, as the `tokenizers` library reports them). Byte-level tokens that split one character
+        share that character's span; a recognised special token spans its own text.
+        """
+        tokenizer = self._parsing if parse_special else self._plain
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [(int(start), int(end)) for start, end in encoding.offsets]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._parsing.decode([int(i) for i in ids], skip_special_tokens=False)
 
