@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps quickstart lint test test-slow bench clean
+.PHONY: install system-deps quickstart sft lint test test-slow bench clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ system-deps:
 
 quickstart: install
 	$(PY) -m train.pretrain --config=configs/quickstart.py
+
+# Fine-tunes the main job's model (runs/quickstart; run `make quickstart` first) on the embedded SFT
+# set, with held-out loss and pass@1 on held-out problems through a private execution service.
+sft: install system-deps
+	@test -f runs/quickstart/run_config.json || { echo "runs/quickstart missing: run make quickstart first"; exit 1; }
+	$(PY) -m train.sft --config=configs/sft/quickstart.py
 
 # ruff (style, bugs) and import-linter (the one-way layers in pyproject.toml), then the tests.
 lint: install

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
+LORA_INITS = ("he_uniform", "he_normal")
 
 
 
@@ -111,6 +113,51 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the weights whose paths match `targets`.
+
+    A targeted weight W gets A [in..., rank] (`init`: He/Kaiming uniform or normal over the input
+    dims) and B [rank, out...] (zeros) as `nnx.LoRAParam`s, and computes
+    y = x W + dropout(x) A B * alpha / rank; MoE expert weights get one A, B pair per expert.
+    targets: regular expressions, each matched in full against the end of a weight's path in the
+    decoder with layer indices left out, e.g. "attn/q_proj" matches "stacks/dense/blocks/attn/q_proj".
+    Paths: attn/{q,k,v,o}_proj, ffn/mlp/{gate,up,down}_proj (dense layers),
+    ffn/experts/{gate,up,down} (routed experts), ffn/shared_experts/{gate,up,down}_proj; the stacks
+    are "dense" and "moe" (so "moe/.*attn/q_proj" targets the MoE layers' queries only). Every
+    pattern must match some weight. A comma-separated string is accepted (command lines).
+    The defaults target every projection and expert matrix (QLoRA, Dettmers et al. 2023, sec. 4).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = (r"attn/[qkvo]_proj", r"(mlp|experts|shared_experts)/(gate|up|down)(_proj)?")
+    init: str = "he_uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        elif not isinstance(self.targets, tuple):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, prefix: str = "lora") -> None:
+        _check(isinstance(self.rank, int) and self.rank >= 1, f"{prefix}.rank", f"must be an integer >= 1, got {self.rank!r}")
+        _check(self.alpha > 0, f"{prefix}.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check_choice(self.init, f"{prefix}.init", LORA_INITS)
+        _check(bool(self.targets), f"{prefix}.targets", "must name at least one weight pattern")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{prefix}.targets: {pattern!r} is not a regular expression ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of a decoder-only transformer.
 
@@ -146,12 +193,15 @@ class ModelConfig:
     remat: str = "full"
     attention_impl: str = "xla"
     moe: MoEConfig | None = None
+    lora: LoRAConfig | None = None  # None: no adapters (models/lora.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.moe, Mapping):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoRAConfig(**self.lora))
         if self.head_dim == 0 and self.n_heads > 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         self.validate()
@@ -179,6 +229,8 @@ class ModelConfig:
         self.rope_scaling.validate()
         if self.moe is not None:
             self.moe.validate(self.n_layers)
+        if self.lora is not None:
+            self.lora.validate()
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -410,7 +462,7 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-_NESTED = {"rope_scaling": RopeScaling, "moe": MoEConfig}
+_NESTED = {"rope_scaling": RopeScaling, "moe": MoEConfig, "lora": LoRAConfig}
 
 
 def _set_fields(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -418,21 +470,22 @@ def _set_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def config_from_dict(values: Mapping[str, Any], field_prefix: str = "model") -> ModelConfig:
+def config_from_dict(values: Mapping[str, Any], field_prefix: str = "model", base: ModelConfig | None = None) -> ModelConfig:
     """Builds a ModelConfig from a mapping (e.g. an ml_collections ConfigDict section).
 
     `preset` (optional) names the base; the other keys override its fields, and the nested
     `rope_scaling` / `moe` mappings override the preset's nested fields one by one (a preset
     without MoE gets `MoEConfig` defaults for the rest). None means "keep the preset's value", so
     `configs/base.py` can list every field for command-line overrides. Unknown keys are errors that
-    name the field.
+    name the field. `base` (instead of a preset): the config of a checkpoint being fine-tuned.
     """
     values = _set_fields(values)
     preset = values.pop("preset", None)
-    try:
-        base = get_preset(preset) if preset else ModelConfig()
-    except ConfigError as e:
-        raise ConfigError(f"{field_prefix}.{e}") from None
+    if base is None:
+        try:
+            base = get_preset(preset) if preset else ModelConfig()
+        except ConfigError as e:
+            raise ConfigError(f"{field_prefix}.{e}") from None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in values:
         if key not in known:

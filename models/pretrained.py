@@ -20,18 +20,20 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from configs.sharding_rules import DEFAULT_RULES
-from data.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
+from data.hf_tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer
+from data.hf_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from data.tokenizer import Tokenizer
 from data.tokenizers import load_tokenizer
 from models.config import ModelConfig
 from models.decoder import Decoder
 from models.hf import load_hf_checkpoint
-from models.hf.checkpoint import CONFIG_FILE
+from models.hf.checkpoint import CONFIG_FILE, read_hf_config
 from models.sharding import Rules, abstract_with_shardings, make_mesh, state_shardings
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 RUN_TOKENIZERS = ("tokenizer.model", TOKENIZER_FILE)
+HF_TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE)
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -49,11 +51,14 @@ def write_run_metadata(run_dir: Path, model_cfg: ModelConfig, config: dict[str, 
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     os.replace(tmp, run_dir / RUN_CONFIG)
     tokenizer = Path(tokenizer_path)
-    if tokenizer.is_file():
-        name = TOKENIZER_FILE if tokenizer.name == TOKENIZER_FILE else RUN_TOKENIZERS[0]
-        shutil.copyfile(tokenizer, run_dir / name)
-    elif (tokenizer / TOKENIZER_FILE).is_file():
-        shutil.copyfile(tokenizer / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    if tokenizer.is_file() and tokenizer.name != TOKENIZER_FILE:
+        shutil.copyfile(tokenizer, run_dir / RUN_TOKENIZERS[0])
+        return
+    # A Hugging Face tokenizer: tokenizer.json with its config, chat template and generation config.
+    directory = tokenizer.parent if tokenizer.is_file() else tokenizer
+    for name in HF_TOKENIZER_FILES:
+        if (directory / name).is_file() and directory.resolve() != run_dir.resolve():
+            shutil.copyfile(directory / name, run_dir / name)
 
 
 def read_run_metadata(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -71,11 +76,56 @@ def run_model_config(run_dir: str | os.PathLike[str]) -> ModelConfig:
     return ModelConfig(**read_run_metadata(run_dir)["model"])
 
 
+def run_tokenizer_path(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer a run directory holds: its sentencepiece model, or itself when it holds an HF
+    tokenizer.json (with tokenizer_config.json and chat template beside it); None without one."""
+    run_dir = Path(run_dir)
+    if (run_dir / RUN_TOKENIZERS[0]).is_file():
+        return run_dir / RUN_TOKENIZERS[0]
+    return run_dir if (run_dir / TOKENIZER_FILE).is_file() else None
+
+
 def run_tokenizer(run_dir: str | os.PathLike[str]) -> Tokenizer | None:
-    for name in RUN_TOKENIZERS:
-        if (Path(run_dir) / name).is_file():
-            return load_tokenizer(Path(run_dir) / name)
-    return None
+    path = run_tokenizer_path(run_dir)
+    return None if path is None else load_tokenizer(path)
+
+
+def pretrained_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The model config of a codelm run directory or a Hugging Face checkpoint directory."""
+    if is_run_dir(path):
+        return run_model_config(path)
+    if (Path(path) / CONFIG_FILE).is_file():
+        return read_hf_config(path)[0]
+    raise FileNotFoundError(
+        f"{path}: neither a codelm training run ({RUN_CONFIG}) nor a Hugging Face checkpoint directory ({CONFIG_FILE})"
+    )
+
+
+def pretrained_tokenizer_path(path: str | os.PathLike[str]) -> Path:
+    """Where the tokenizer of a run directory or HF checkpoint directory is (see `run_tokenizer_path`)."""
+    found = run_tokenizer_path(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no tokenizer (tokenizer.model or {TOKENIZER_FILE})")
+    return found
+
+
+def extend_model(base: nnx.Module, cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """`Decoder(cfg)` whose variables include all of `base`'s (e.g. `base` plus LoRA adapters):
+    `base`'s values are reused, and only the variables `base` lacks are initialised (inside jit,
+    so the rest of the model is never materialised twice)."""
+    make = lambda: Decoder(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    base_values = dict(nnx.to_flat_state(nnx.state(base)))
+    missing = [path for path, _ in nnx.to_flat_state(abstract_state) if path not in base_values]
+
+    def init_missing() -> list[Any]:
+        flat = dict(nnx.to_flat_state(nnx.state(make())))
+        return [flat[path] for path in missing]
+
+    new_values = dict(zip(missing, jax.jit(init_missing)()))
+    flat = [(path, base_values[path] if path in base_values else new_values[path])
+            for path, _ in nnx.to_flat_state(abstract_state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def load_trained_model(

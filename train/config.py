@@ -124,12 +124,14 @@ def load_run_config(
     n_devices: int | None = None,
     n_processes: int | None = None,
     platform: str | None = None,
+    model_base: ModelConfig | None = None,
 ) -> R:
     """Validates a config (an ml_collections ConfigDict or nested mapping) into `schema`.
 
-    The model section is a preset plus overrides (see `models.config.config_from_dict`); every
-    other section is parsed by its schema. Cross-section checks run against the given device and
-    process counts (default: this JAX runtime's)."""
+    The model section is a preset plus overrides (see `models.config.config_from_dict`), or, with
+    `model_base` (a fine-tune's starting checkpoint), overrides of that config; every other section
+    is parsed by its schema. Cross-section checks run against the given device and process counts
+    (default: this JAX runtime's)."""
     raw = cfg.to_dict() if isinstance(cfg, ConfigDict) else dict(cfg)
     known = {f.name for f in dataclasses.fields(schema)}
     for name in raw:
@@ -137,7 +139,7 @@ def load_run_config(
             raise unknown_field("", name, known)
     if "model" not in raw:
         raise ConfigError("model: missing (every config starts from configs/base.py)")
-    raw["model"] = config_from_dict(raw["model"] or {})
+    raw["model"] = config_from_dict(raw["model"] or {}, base=model_base)
     run = parse(schema, raw)
     check_run(
         run,

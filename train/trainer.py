@@ -83,6 +83,7 @@ class _Scheduled:
     fn: Hook
     every: int
     at_end: bool
+    at_start: bool
 
     def due(self, step: int, last: int) -> bool:
         return step % self.every == 0 or (self.at_end and step == last)
@@ -130,7 +131,8 @@ class Trainer:
         self.rules = run.mesh.rule_set
         self.output_dir = Path(run.train.output_dir)
         self.timer = StepTimer(clock) if clock else StepTimer()
-        self.eval_loss: float | None = None
+        self.eval_loss: float | None = None  # the latest
+        self.eval_losses: dict[int, float] = {}  # step -> held-out loss, for this invocation
         self._hooks: list[_Scheduled] = []
         self._stop_requested = False
         self.preempted = False
@@ -173,14 +175,19 @@ class Trainer:
 
     # ---- hooks -------------------------------------------------------------------------------------
 
-    def add_hook(self, fn: Hook, *, every: int = 1, at_end: bool = True) -> None:
-        """Runs `fn(info)` after every `every`-th step (and after the last one when `at_end`).
+    def add_hook(self, fn: Hook, *, every: int = 1, at_end: bool = True, at_start: bool = False) -> None:
+        """Runs `fn(info)` after every `every`-th step (and after the last one when `at_end`; and once
+        before the first step of a fresh run, with empty metrics, when `at_start`: a baseline).
         Hooks run in the order added; the built-in checkpoint hook is always last."""
-        scheduled = _Scheduled(fn, every, at_end)
+        scheduled = _Scheduled(fn, every, at_end, at_start)
         if self._hooks and self._hooks[-1].fn == self._checkpoint_hook:
             self._hooks.insert(len(self._hooks) - 1, scheduled)
         else:
             self._hooks.append(scheduled)
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        """Writes `values` to the run's metrics (JSONL and TensorBoard); for hooks."""
+        self._logger.write(step, values, prefix=prefix)
 
     def request_stop(self) -> None:
         """Ends the run after the current step's hooks (the checkpoint hook saves first)."""
@@ -228,6 +235,12 @@ class Trainer:
     def _global_batch(self, host_batch: HostBatch, sharding: NamedSharding) -> dict[str, jax.Array]:
         return to_global_batch(host_batch, self.mesh, sharding.spec)
 
+    def add_eval_at_start(self) -> None:
+        """Also evaluates before the first step of a fresh run (the starting point of a fine-tune)."""
+        for hook in self._hooks:
+            if hook.fn == self._evaluate_hook:
+                hook.at_start = True
+
     def evaluate(self, state: TrainState) -> float | None:
         """Mean held-out loss per token over `train.eval_batches` batches (None without eval data)."""
         if self.task.eval_data is None or not self.config.train.eval_batches:
@@ -254,6 +267,10 @@ class Trainer:
         self._logger = MetricsLogger(self.output_dir)
         self._start_step, self._window = start, []
         step = start
+        if start == 0:
+            for hook in self._hooks:
+                if hook.at_start:
+                    hook.fn(StepInfo(0, state, {}, self))
         self.timer.start()
         with _PreemptionFlag() as preemption:
             self._preemption = preemption
@@ -313,6 +330,7 @@ class Trainer:
         with self.timer.paused(info.state):
             self.eval_loss = self.evaluate(info.state)
         if self.eval_loss is not None:
+            self.eval_losses[info.step] = self.eval_loss
             self._logger.write(info.step, {"loss": self.eval_loss}, prefix="eval")
             print_progress(f"step {info.step}: eval loss {self.eval_loss:.4f}")
 
