@@ -216,7 +216,8 @@ class CgroupSet:
         paths: dict[str, str] = {}
         try:
             for key, parent in self.parents.items():
-                if key == "cpu" and limits.cpus <= 0 or key == "blkio" and not (limits.io_bytes_per_s and limits.io_device):
+                io_limited = bool(limits.io_bytes_per_s and limits.io_device)
+                if key == "cpu" and limits.cpus <= 0 or key == "blkio" and not io_limited:
                     continue  # v1 groups cost a mkdir/rmdir each: only where there is a limit to apply
                 path = os.path.join(parent, run_id)
                 _make_group(path)
