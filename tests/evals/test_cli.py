@@ -36,8 +36,8 @@ def test_scores_a_completion_file_on_an_mbpp_style_set(tmp_path, service):
         {"task_id": 11, "completion": "def remove_Occ(s, ch):\n    return s[1:]\n"},
     ])
     output = tmp_path / "out"
-    result = cli(f"--problems={problems}", f"--completions={completions}", f"--output={output}",
-                 f"--sandbox-url={service.url}", "--k=1,2")
+    result = cli(f"--config.problems={problems}", f"--config.completions={completions}", f"--config.output={output}",
+                 f"--config.sandbox.url={service.url}", "--config.ks=1,2")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["pass@1"] == 0.5 and summary["pass@2"] == 1.0 and summary["outcomes"]["failed"] == 2
@@ -49,14 +49,14 @@ def test_scores_a_completion_file_on_an_mbpp_style_set(tmp_path, service):
 
 
 def test_reference_solutions_with_a_private_service(tmp_path):
-    result = cli("--reference", "--limit=8", f"--output={tmp_path}", "--workers=2")
+    result = cli("--config.reference=True", "--config.limit=8", f"--config.output={tmp_path}", "--config.sandbox.workers=2")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pass@1"] == 1.0
 
 
 def test_bad_completion_file_is_named(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"task_id": "HumanEval/0", "completion": 7}'])
-    result = cli(f"--completions={bad}", f"--output={tmp_path}")
+    result = cli(f"--config.completions={bad}", f"--config.output={tmp_path}")
     assert result.returncode == 1
     assert f"{bad}:1: field `completion` missing or not a string" in result.stderr
 
@@ -84,12 +84,23 @@ def test_sampling_path_with_a_generator(tmp_path, service, monkeypatch):
             return [[problems[p].reference + "\ndef junk(:\n"] * num_samples for p in prompts]
 
     monkeypatch.setattr(humaneval, "load_checkpoint_generator", lambda checkpoint: CannedGenerator())
-    args = humaneval.build_parser().parse_args([
-        "--checkpoint=ckpt", "--limit=4", "--samples-per-problem=2", "--temperature=0.8", "--batch-size=3",
-        f"--output={tmp_path}", f"--sandbox-url={service.url}", "--k=1,2"])
+    args = humaneval.EvalConfig(
+        checkpoint="ckpt", limit=4, output=str(tmp_path), ks="1,2",
+        sampler=humaneval.EvalSamplerSection(samples_per_problem=2, temperature=0.8, batch_size=3),
+        sandbox=humaneval.SandboxSection(url=service.url))
     results = humaneval.run(args)
     assert results["pass@1"] == results["pass@2"] == 1.0
     assert [c[0] for c in calls] == [3, 1] and all(c[1:4] == (2, 512, 0.8) for c in calls)
     assert "\ndef" in calls[0][4]
     written = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(written) == 8 and not any("junk" in c["completion"] for c in written)
+
+
+def test_config_errors_are_one_line_with_the_field():
+    result = cli("--config.completions=a.jsonl", "--config.reference=True")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: completions: give exactly one of completions, checkpoint, reference=True")
+    result = cli("--config.reference=True", "--config.sandbox.worker=2")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: no field 'sandbox.worker'; did you mean 'sandbox.workers'?")

@@ -12,8 +12,10 @@ def test_humaneval_samples_from_a_trained_run(corpus_dir, tokenizer, tmp_path, c
     run = small_run(corpus_dir, tmp_path / "run", train__steps=2)
     train(run, make_task(run, tokenizer))
     out = tmp_path / "eval"
-    humaneval.main([f"--checkpoint={tmp_path / 'run'}", "--limit=3", "--samples-per-problem=2", "--temperature=0.8",
-                    "--max-new-tokens=8", "--k=1,2", f"--output={out}", "--workers=2"])
+    humaneval.main(humaneval.EvalConfig(
+        checkpoint=str(tmp_path / "run"), limit=3, ks="1,2", output=str(out),
+        sampler=humaneval.EvalSamplerSection(samples_per_problem=2, temperature=0.8, max_new_tokens=8),
+        sandbox=humaneval.SandboxSection(workers=2)))
     results = json.loads((out / "results.json").read_text())
     assert results["num_problems"] == 3 and results["num_samples"] == 6
     assert sum(results["outcomes"].values()) == 6  # every sample was executed and judged
