@@ -1,17 +1,30 @@
-"""Generation speed: codelm's KV-cache sampler against `transformers`' own `generate`, same weights,
-same workload, same machine.
+"""Generation speed: codelm's sampler against `transformers`' own `generate`, same weights, same
+workloads, same machine, one run.
 
-    python -m bench.generate                                  # tiny Llama, batch 32, CPU: ~2 minutes
-    python -m bench.generate --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256 --new_tokens=128
+    python -m bench.generate                                  # tiny Llama, CPU: ~5 minutes
+    python -m bench.generate --workloads=decode --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256
 
 A random model of `--family` is built with transformers, saved as an HF checkpoint and imported into
-codelm (so both run identical float32 weights). The workload is `--batch` prompts of random tokens
-with lengths drawn from [prompt_len / 2, prompt_len], greedy, exactly `--new_tokens` new tokens each
-(no EOS). Prefill tokens/s = real prompt tokens / prefill time; decode tokens/s = generated tokens /
-decode time. transformers' prefill is one forward pass over the left-padded batch with a cache; its
-decode time is `generate`'s time minus that. Times are medians over `--repeats` runs after a warm-up
-run (which compiles codelm's programs). Also reported: the fraction of sequences whose greedy tokens
-agree exactly between the two (float32 rounding can flip near-ties). Prints one JSON object.
+codelm (so both run identical float32 weights). Two workloads (`--workloads`):
+
+decode  `--batch` prompts of random tokens, lengths drawn from [prompt_len / 2, prompt_len], greedy,
+        exactly `--new_tokens` new tokens each (no EOS). Prefill tokens/s = real prompt tokens /
+        prefill time; decode tokens/s = generated tokens / decode time. transformers' prefill is one
+        forward pass over the left-padded batch with a cache; its decode time is `generate`'s time
+        minus that. Also: the fraction of sequences whose greedy tokens agree exactly (float32
+        rounding can flip near-ties).
+rl      RL rollouts: `--rl_prompts` prompts x `--rl_samples` samples each (temperature 1, no top-k /
+        top-p), at most `--rl_new_tokens` new tokens, prompt lengths as above. Response lengths vary:
+        1 / `--rl_eos_every` of the vocabulary are EOS ids (passed to both: `stop_token_ids`, and
+        `eos_token_id` for transformers), and the model's LM head is scaled so that its next-token
+        distribution is broad (logit std ~1, like a policy early in RL); the generated-length
+        distribution is reported. samples/s = prompts x samples / wall time of the whole call;
+        transformers runs `generate(num_return_sequences=samples)` over all prompts at once.
+
+Times are medians over `--repeats` runs after a warm-up run (which compiles codelm's programs).
+FLOP method: model FLOPs per generated token = 2 x (matmul parameters, LM head included, embedding
+lookup excluded) + 4 x layers x query heads x head_dim x mean attended context (QK^T and PV);
+achieved GFLOP/s = decode tokens/s x that. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -49,7 +62,34 @@ def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list
     return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
 
 
-def bench_codelm(directory: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, Any]:
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left padding, as transformers recommends for generation
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
+def flops_per_token(cfg: Any, context: float) -> float:
+    """Forward FLOPs of one token attending to `context` positions (module docstring)."""
+    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    matmul_params = cfg.n_layers * per_layer + d * cfg.vocab_size
+    return 2.0 * matmul_params + 4.0 * cfg.n_layers * n * h * context
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    values = np.asarray(lengths)
+    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)),
+            "max": int(values.max()), "min": int(values.min())}
+
+
+# ---- decode workload ------------------------------------------------------------------------------------
+
+
+def decode_codelm(directory: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
     model = load_hf_checkpoint(directory, remat="none")
     load_seconds = time.perf_counter() - start
@@ -62,27 +102,24 @@ def bench_codelm(directory: str, prompts: list[list[int]], new_tokens: int, repe
     decode = statistics.median(r.timing["decode_seconds"] for r in runs)
     prompt_tokens = runs[0].timing["prompt_tokens"]
     generated = runs[0].timing["generated_tokens"]
+    context = float(np.mean([len(p) for p in prompts])) + new_tokens / 2
     return {
         "prefill_tokens_per_s": prompt_tokens / prefill,
         "decode_tokens_per_s": generated / decode,
+        "decode_gflops_per_s": generated / decode * flops_per_token(model.cfg, context) / 1e9,
         "prefill_seconds": prefill,
         "decode_seconds": decode,
         "load_seconds": load_seconds,
         "first_call_seconds_with_compilation": warmup_seconds,
         "tokens": runs[0].tokens,
+        "flops_per_token": flops_per_token(model.cfg, context),
     }
 
 
-def bench_transformers(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, Any]:
-    longest = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):  # left padding, as transformers recommends for generation
-        ids[row, longest - len(prompt):] = torch.tensor(prompt)
-        mask[row, longest - len(prompt):] = 1
+def decode_transformers(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, Any]:
+    ids, mask = left_padded(prompts)
     generate_kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
-
     with torch.inference_mode():
         output = model.generate(ids, **generate_kwargs)  # warm-up
         prefill = median_seconds(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True), repeats)
@@ -94,43 +131,19 @@ def bench_transformers(model: torch.nn.Module, prompts: list[list[int]], new_tok
         "decode_tokens_per_s": len(prompts) * new_tokens / decode,
         "prefill_seconds": prefill,
         "decode_seconds": decode,
-        "torch_threads": torch.get_num_threads(),
-        "tokens": output[:, longest:].tolist(),
+        "tokens": output[:, ids.shape[1]:].tolist(),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", default="llama", choices=sorted(reference.FAMILY_OPTIONS))
-    parser.add_argument("--d_model", type=int, default=256)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--n_heads", type=int, default=8)
-    parser.add_argument("--n_kv_heads", type=int, default=4)
-    parser.add_argument("--d_ff", type=int, default=768)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt_len", type=int, default=128)
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    shape = dict(hidden_size=args.d_model, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                 num_key_value_heads=args.n_kv_heads, intermediate_size=args.d_ff, vocab_size=args.vocab,
-                 max_position_embeddings=4 * (args.prompt_len + args.new_tokens))
+def decode_workload(args: argparse.Namespace, shape: dict[str, int], directory: str) -> dict[str, Any]:
     hf_model = reference.random_model(args.family, **shape)
+    hf_model.save_pretrained(directory)
     prompts = make_prompts(args.batch, args.prompt_len, args.vocab)
-    with tempfile.TemporaryDirectory() as directory:
-        hf_model.save_pretrained(directory)
-        ours = bench_codelm(directory, prompts, args.new_tokens, args.repeats)
-    theirs = bench_transformers(hf_model, prompts, args.new_tokens, args.repeats)
+    ours = decode_codelm(directory, prompts, args.new_tokens, args.repeats)
+    theirs = decode_transformers(hf_model, prompts, args.new_tokens, args.repeats)
     agree = np.mean([a == b for a, b in zip(ours.pop("tokens"), theirs.pop("tokens"))])
-    print(json.dumps({
-        "benchmark": "generate",
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "model": {"family": args.family, **shape, "dtype": "float32"},
+    theirs["decode_gflops_per_s"] = theirs["decode_tokens_per_s"] * ours["flops_per_token"] / 1e9
+    return {
         "workload": {"batch": args.batch, "prompt_tokens": sum(map(len, prompts)),
                      "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
                      "new_tokens_per_sequence": args.new_tokens, "sampling": "greedy", "repeats": args.repeats},
@@ -141,7 +154,109 @@ def main() -> None:
             "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
         },
         "greedy_sequences_identical_fraction": float(agree),
-    }, indent=2))
+    }
+
+
+# ---- RL workload ----------------------------------------------------------------------------------------
+
+
+def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str) -> dict[str, Any]:
+    hf_model = reference.random_model(args.family, seed=1, **shape)
+    with torch.no_grad():  # a broad next-token distribution: logit std ~1
+        hf_model.get_output_embeddings().weight.mul_(1.0 / (0.3 * args.d_model**0.5))
+    hf_model.save_pretrained(directory)
+    prompts = make_prompts(args.rl_prompts, args.prompt_len, args.vocab, seed=1)
+    eos = list(range(1, args.vocab, args.rl_eos_every))
+    n, new_tokens = args.rl_samples, args.rl_new_tokens
+    total = len(prompts) * n
+
+    sampler = Sampler(load_hf_checkpoint(directory, remat="none"), max_len=max(map(len, prompts)) + new_tokens)
+
+    def ours(seed: int) -> Any:
+        return sampler.generate(prompts, new_tokens, n=n, temperature=1.0, stop_token_ids=eos, seed=seed)
+
+    start = time.perf_counter()
+    ours(0)  # compiles
+    warmup = time.perf_counter() - start
+    times, outputs = [], []
+    for repeat in range(args.repeats):
+        start = time.perf_counter()
+        outputs.append(ours(1 + repeat))
+        times.append(time.perf_counter() - start)
+    ours_seconds = statistics.median(times)
+    out = outputs[0]
+
+    ids, mask = left_padded(prompts)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  num_return_sequences=n, pad_token_id=0, eos_token_id=eos)
+    hf_lengths: list[int] = []
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model_generate = hf_model.generate(ids, **kwargs)  # warm-up
+        hf_seconds = median_seconds(lambda: hf_model.generate(ids, **kwargs), args.repeats)
+    eos_set = set(eos)
+    for row in model_generate[:, ids.shape[1]:].tolist():
+        hit = next((i for i, t in enumerate(row) if t in eos_set), None)
+        hf_lengths.append(len(row) if hit is None else hit + 1)
+    generated = float(out.lengths.sum())
+    return {
+        "workload": {"prompts": len(prompts), "samples_per_prompt": n, "max_new_tokens": new_tokens,
+                     "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
+                     "sampling": "temperature 1", "eos_ids": f"{len(eos)} of {args.vocab} (every {args.rl_eos_every}th)",
+                     "repeats": args.repeats},
+        "codelm": {
+            "samples_per_s": total / ours_seconds,
+            "generated_tokens_per_s": generated / ours_seconds,
+            "seconds": ours_seconds,
+            "first_call_seconds_with_compilation": warmup,
+            "generated_lengths": length_stats(out.lengths.tolist()),
+            "timing": out.timing,
+        },
+        "transformers": {
+            "samples_per_s": total / hf_seconds,
+            "seconds": hf_seconds,
+            "generated_lengths": length_stats(hf_lengths),
+        },
+        "ratio_codelm_over_transformers": {"samples_per_s": hf_seconds / ours_seconds},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="decode,rl")
+    parser.add_argument("--family", default="llama", choices=sorted(reference.FAMILY_OPTIONS))
+    parser.add_argument("--d_model", type=int, default=256)
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--n_heads", type=int, default=8)
+    parser.add_argument("--n_kv_heads", type=int, default=4)
+    parser.add_argument("--d_ff", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--rl_prompts", type=int, default=64)
+    parser.add_argument("--rl_samples", type=int, default=8)
+    parser.add_argument("--rl_new_tokens", type=int, default=128)
+    parser.add_argument("--rl_eos_every", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    shape = dict(hidden_size=args.d_model, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                 num_key_value_heads=args.n_kv_heads, intermediate_size=args.d_ff, vocab_size=args.vocab,
+                 max_position_embeddings=4 * (args.prompt_len + max(args.new_tokens, args.rl_new_tokens)))
+    report: dict[str, Any] = {
+        "benchmark": "generate",
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "model": {"family": args.family, **shape, "dtype": "float32"},
+    }
+    for name in args.workloads.split(","):
+        with tempfile.TemporaryDirectory() as directory:
+            report[name] = {"decode": decode_workload, "rl": rl_workload}[name](args, shape, directory)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

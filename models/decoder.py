@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, LayerCache, dtype_of, make_norm, normal, param
+from models.layers import MLP, Attention, KVCache, LayerCache, dtype_of, make_norm, normal, param
+from models.lora import add_adapters
 from models.sharding import constrain
 
 Aux = dict[str, jax.Array]
@@ -61,6 +62,15 @@ class Block(nnx.Module):
         y, aux = self.ffn(self.ffn_norm(x))
         return x + y, aux, cache
 
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int, window: int
+    ) -> tuple[jax.Array, KVCache]:
+        """The sampling path (`Attention.decode`): x [B, T, D] -> (x, cache with layer `layer` written)."""
+        h, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer, window)
+        x = x + h
+        y, _ = self.ffn(self.ffn_norm(x))
+        return x + y, cache
+
 
 class LayerStack(nnx.Module):
     """`n` blocks of one kind, scanned (parameters stacked on a leading "layers" axis) or unrolled."""
@@ -103,6 +113,27 @@ class LayerStack(nnx.Module):
         aux, cache = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else ({}, None)
         return x, aux, cache
 
+    def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, window: int) -> tuple[jax.Array, KVCache]:
+        """The sampling path: x [B, T, D], cache k/v [n, B, K, S, H] -> (x, cache).
+
+        Scanned stacks carry the whole cache through the layer scan and each layer writes its slots
+        in place (a scatter into the carried buffer), instead of emitting a new stacked cache as scan
+        outputs; with the buffer donated to the surrounding program, no step copies the cache.
+        """
+        if self.cfg.scan_layers:
+
+            def body(block: Block, carry: tuple[jax.Array, KVCache, jax.Array]) -> tuple[jax.Array, KVCache, jax.Array]:
+                x, cache, layer = carry
+                x, cache = block.decode(x, positions, cache, layer, window)
+                return x, cache, layer + 1
+
+            scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            x, cache, _ = scan(self.blocks, (x, cache, jnp.zeros((), jnp.int32)))
+            return x, cache
+        for layer, block in enumerate(self.blocks):
+            x, cache = block.decode(x, positions, cache, layer, window)
+        return x, cache
+
 
 class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
@@ -125,6 +156,8 @@ class Decoder(nnx.Module):
         self.final_norm = make_norm(cfg, cfg.d_model, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+        if cfg.lora is not None:  # after the base weights, which are then the same as without LoRA
+            add_adapters(self, cfg.lora, rngs)
 
     def init_cache(self, batch: int, length: int, dtype: str | None = None) -> dict[str, LayerCache]:
         """An empty KV cache of `length` slots per sequence for every layer."""
@@ -133,6 +166,25 @@ class Decoder(nnx.Module):
             name: jax.tree.map(lambda c, n=stack.n: jnp.broadcast_to(c, (n, *c.shape)), LayerCache.empty(batch, length, self.cfg, dt))
             for name, stack in self.stacks.items()
         }
+
+    def init_kv_cache(self, batch: int, length: int, dtype: str | None = None) -> dict[str, KVCache]:
+        """An empty slot cache (`KVCache`, for `decode`) of `length` slots per row, per stack."""
+        dt = dtype_of(dtype or self.cfg.dtype)
+        return {name: KVCache.empty(stack.n, batch, length, self.cfg, dt) for name, stack in self.stacks.items()}
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, cache: dict[str, KVCache], window: int
+    ) -> tuple[jax.Array, dict[str, KVCache]]:
+        """The sampling path: tokens [B, T] at positions [B, T] (= their cache slots) -> (final-normed
+        hidden states [B, T, D], the cache with their keys/values written). Queries attend over cache
+        slots [0, window) up to their own position (`Attention.decode`); prefill is T = prompt length
+        at positions 0..T-1, a decode step T = 1 at each row's own position."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+        x = constrain(x, ("batch", "activation_length", "activation_embed"))
+        new_cache = {}
+        for name, stack in self.stacks.items():
+            x, new_cache[name] = stack.decode(x, positions, cache[name], window)
+        return self.final_norm(x), new_cache
 
     def __call__(
         self,

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
+from models.lora import with_adapter
 from models.sharding import LogicalAxes, constrain
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -219,8 +220,26 @@ class LayerCache(NamedTuple):
         )
 
 
+class KVCache(NamedTuple):
+    """The sampler's slot cache for one stack of layers. k, v: [L, B, K, S, H] (L layers of the stack).
+
+    Row b's token at position p lives in slot p: each row holds its own sequence from slot 0, rows
+    may hold sequences of different lengths (continuous batching refills rows one by one), and which
+    slots a query sees follows from its position alone (no per-slot positions or segment ids)."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, length: int, cfg: ModelConfig, dtype: jnp.dtype) -> KVCache:
+        kv = jnp.zeros((layers, batch, cfg.n_kv_heads, length, cfg.head_dim), dtype)
+        return cls(kv, kv)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query attention with RoPE, optional QKV bias and QK-norm."""
+
+    LORA_WEIGHTS = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2)}  # models/lora.py
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -245,9 +264,33 @@ class Attention(nnx.Module):
     def _project(self, x: jax.Array, name: str, axes: LogicalAxes) -> jax.Array:
         dtype = x.dtype
         y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dtype))
+        y = with_adapter(self, f"{name}_proj", x, y)
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
         return constrain(y, axes)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D], positions [B, T] -> q [B, T, N, H], k and v [B, T, K, H], RoPE applied to q and k."""
+        q = self._project(x, "q", ("batch", "activation_length", "activation_heads", None))
+        k = self._project(x, "k", ("batch", "activation_length", "activation_kv_heads", None))
+        v = self._project(x, "v", ("batch", "activation_length", "activation_kv_heads", None))
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, rope_scale = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        return apply_rope(q, positions, inv_freq, rope_scale), apply_rope(k, positions, inv_freq, rope_scale), v
+
+    def _attend_and_project(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] -> output projection [B, T, D]."""
+        return self._output(attention_kernel(self.cfg.attention_impl)(q, k, v, mask), dtype)
+
+    def _output(self, out: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """Attention output [B, T, N, H] -> [B, T, D]."""
+        out = constrain(out, ("batch", "activation_length", "activation_heads", None))
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+        y = with_adapter(self, "o_proj", out, y)
+        if self.cfg.out_bias:
+            y = y + self.o_bias[...].astype(dtype)
+        return constrain(y, ("batch", "activation_length", "activation_embed"))
 
     def __call__(
         self,
@@ -257,14 +300,7 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D], positions/segment_ids [B, T] -> ([B, T, D], updated cache or None)."""
-        q = self._project(x, "q", ("batch", "activation_length", "activation_heads", None))
-        k = self._project(x, "k", ("batch", "activation_length", "activation_kv_heads", None))
-        v = self._project(x, "v", ("batch", "activation_length", "activation_kv_heads", None))
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, rope_scale = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
-        q = apply_rope(q, positions, inv_freq, rope_scale)
-        k = apply_rope(k, positions, inv_freq, rope_scale)
+        q, k, v = self._qkv(x, positions)
         if cache is not None:
             cache = cache.append(k, v, positions, segment_ids)
             k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
@@ -272,12 +308,43 @@ class Attention(nnx.Module):
         else:
             kv_positions, kv_segment_ids = positions, segment_ids
         mask = attention_mask(positions, kv_positions, segment_ids, kv_segment_ids, self.cfg.sliding_window)
-        out = attention_kernel(self.cfg.attention_impl)(q, k, v, mask)
-        out = constrain(out, ("batch", "activation_length", "activation_heads", None))
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(x.dtype))
-        if self.cfg.out_bias:
-            y = y + self.o_bias[...].astype(x.dtype)
-        return constrain(y, ("batch", "activation_length", "activation_embed")), cache
+        return self._attend_and_project(q, k, v, mask, x.dtype), cache
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int, window: int
+    ) -> tuple[jax.Array, KVCache]:
+        """The sampling path over a slot cache (`KVCache`): x [B, T, D], positions [B, T] -> ([B, T, D], cache).
+
+        Token t of row b has position p = positions[b, t] and its key/value go to slot p of layer
+        `layer` (slots >= S are not written: finished or filler rows). The queries then attend over
+        slots [0, window) of that layer, to those at or before their own position (and inside the
+        sliding window), so only `window` slots are read, not the whole cache. A row's slots must hold
+        its own tokens at every position below the queries' (prefill, then one token per step).
+        Scores and softmax are float32; the cache layout [L, B, K, S, H] feeds both attention
+        products without transposing the cache.
+        """
+        q, k, v = self._qkv(x, positions)
+        b, t, n, h = q.shape
+        kv_heads = k.shape[2]
+        rows = jnp.arange(b)[:, None]
+        write_k = cache.k.at[layer, rows, :, positions].set(k.astype(cache.k.dtype), mode="drop")
+        write_v = cache.v.at[layer, rows, :, positions].set(v.astype(cache.v.dtype), mode="drop")
+
+        def read(buffer: jax.Array) -> jax.Array:  # layer `layer`, slots [0, window): [B, K, W, H]
+            start = (jnp.asarray(layer, jnp.int32), 0, 0, 0, 0)
+            block = jax.lax.dynamic_slice(buffer, start, (1, b, kv_heads, window, h))[0]
+            return constrain(block.astype(x.dtype), ("batch", "activation_kv_heads", None, None))
+
+        slots = jnp.arange(window, dtype=positions.dtype)[None, None, :]
+        mask = slots <= positions[:, :, None]  # [B, T, W]
+        if self.cfg.sliding_window:
+            mask &= positions[:, :, None] - slots < self.cfg.sliding_window
+        grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head j*G + g uses KV head j, as the kernels do
+        scores = jnp.einsum("btkgh,bksh->bkgts", grouped, read(write_k), preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores / math.sqrt(h), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, read(write_v)).reshape(b, t, n, h)
+        return self._output(out, x.dtype), KVCache(write_k, write_v)
 
 
 # ---- feed-forward ----------------------------------------------------------------------------------
@@ -285,6 +352,8 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     """SwiGLU (Shazeer 2020: down(silu(gate x) * up x)) or GELU (down(gelu(up x + b)) + b) MLP."""
+
+    LORA_WEIGHTS = {"gate_proj": (0, 1), "up_proj": (0, 1), "down_proj": (0, 1)}  # models/lora.py
 
     def __init__(self, cfg: ModelConfig, d_ff: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -303,7 +372,7 @@ class MLP(nnx.Module):
             self.down_bias = param(rngs, zeros, (d,), ("embed",), pdt)
 
     def _linear(self, x: jax.Array, name: str) -> jax.Array:
-        y = x @ getattr(self, f"{name}_proj")[...].astype(x.dtype)
+        y = with_adapter(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(x.dtype))
         if self.cfg.mlp_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y

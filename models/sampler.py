@@ -1,30 +1,66 @@
-"""Batched autoregressive sampling with a preallocated KV cache, jitted prefill and decode loop.
+"""Batched sampling for RL rollouts, pass@k evaluation and `models.generate`: a slot KV cache, shared
+prompt prefill for groups of samples, continuous batching, parameters passed as arguments.
 
-Padding: prompts are LEFT-padded to a common bucketed length P. Pad slots get segment id 0 (no token
-attends to them) and each prompt's real tokens get segment 1 and positions 0..L_i-1, so the last
-column holds every row's last prompt token and every decode step writes all rows at one cache
-index, while positions stay per row (new token t of row i has position L_i + t).
+Using it (the RL trainer, evals, the CLI):
 
-Shapes are bucketed so that few programs are compiled: the batch to a power of two (and a multiple
-of the mesh's batch shards), P and the generation budget to powers of two (at least
-`min_bucket`), the cache to P + budget. Decoding runs as one `jax.lax.while_loop` on device that
-exits when every row is done or the budget is spent; with stop strings it runs in chunks of
-`stop_check_interval` tokens between which the host looks for the strings in the decoded text.
+    sampler = Sampler(model, tokenizer, max_len=2048, mesh=mesh, rules=rules)  # once
+    out = sampler.generate(prompts, max_new_tokens=512, n=8, temperature=1.0, seed=step,
+                           params=nnx.state(policy))      # every step, with the new weights
+    out.tokens[i], out.logprobs[i]                        # sample i = out.sample_index[i] of prompt out.prompt_index[i]
+    sampler.score(prompt_ids, completion_ids, params=...) # the same log-probs from one full forward pass
 
-Log-probabilities: for each generated token, log softmax(logits / temperature) (temperature 1 when
-greedy) at that token, i.e. the distribution before top-k / top-p truncation, which is what a full
-forward pass of the model gives (RL importance ratios are taken against it).
+- prompts: strings (encoded with the tokenizer, BOS first when `add_bos`) or lists of token ids (used
+  as given, e.g. a rendered chat template). n: samples per prompt. Outputs are prompt-major: request
+  i = g * n + j is sample j of prompt g (`prompt_index`, `sample_index`).
+- params: an `nnx.State` of a model with the sampler model's structure (`nnx.state(model)`, e.g. the
+  trainer's model after an update; remat/dtype settings may differ, parameter shapes may not), or a
+  `Decoder`. None: the parameters the sampler was built with (`set_params` replaces them). They are
+  an argument of every compiled program, so new weights reuse the programs compiled before, as long
+  as they arrive with the same shardings (same mesh and rules).
+- seed: an int (prompt g samples with key fold_in(PRNGKey(seed), g)), or one seed per prompt (key
+  PRNGKey(seed[g])). Sample j of a prompt draws its t-th token with fold_in(fold_in(key, j), t), so a
+  prompt's samples depend on its seed only: not on the other prompts of the call, the number of rows,
+  or when continuous batching scheduled it (tested).
+- Log-probabilities: `logprobs[i][t]` is log softmax(logits / temperature) (temperature 1 when greedy)
+  at the sampled token, the distribution before top-k / top-p truncation, i.e. what a full forward pass
+  of the model gives (RL importance ratios are taken against it; they agree with `score` to float
+  rounding, 1e-5 in float32). `logprobs_top_k=k` also returns the k most likely tokens and their
+  log-probabilities at every step (`top_ids[i]`, `top_logprobs[i]`: [len, k]).
+- Stopping: EOS ids of the tokenizer, `stop_token_ids` (any number), `stop` strings (checked on the
+  host every `stop_check_interval` tokens; text and tokens cut at the string), or `max_new_tokens`.
+
+How it runs (`timing` reports prefill / decode seconds and tokens):
+- Rows and slots. The decode batch has R rows (`max_rows`, bucketed to a power of two, a multiple of
+  the mesh's batch shards). Every row owns a slot cache [S] per layer (`models.layers.KVCache`); the
+  token at position p sits in slot p, so rows hold sequences of different lengths.
+- Prefill is shared: the prompts of the requests that enter the batch are prefilled once each, right
+  padded to the prompt bucket P, and their keys/values are copied into the rows of their n samples
+  (`share_prefill=False` prefills every sample separately; the outputs are the same, tested).
+- Continuous batching: decoding runs as one device loop of up to `decode_chunk` steps, which exits
+  early once max(1, R / 8) rows have finished while requests are pending; finished rows are read back
+  and refilled with pending requests, so long-tailed response lengths do not leave rows idle.
+- Decode reads only the filled part of the cache: each loop is compiled for an attention window W (a
+  bucket {1, 1.5} x 2^k >= the longest active row's position at the end of the chunk) and reads slots
+  [0, W) only. The cache is donated to each program and updated in place: the layer scan carries it
+  and every layer scatters its new slots into it (no per-step copies). No host round trips per token.
+- Compiled programs depend on the model structure, the buckets (R, P, budget, prefill batch, window)
+  and the static sampling mode (greedy, top-k, whether top-p, logprobs_top_k); temperature, top-p,
+  max_new_tokens within a budget bucket, EOS ids and seeds are runtime values.
+- Sharding: with `mesh` and `rules`, parameters stay where they are (e.g. `load_hf_checkpoint(...,
+  mesh=mesh)`, `create_sharded`); rows shard over the batch axes and KV heads over tensor (logical
+  axes), every program runs inside the mesh's sharding context.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import math
 import time
 from collections.abc import Sequence
-from typing import Annotated, NamedTuple, Protocol
+from typing import Annotated, Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +72,10 @@ from pydantic import Field
 from configs.schema import section
 from configs.sharding_rules import DEFAULT_RULES
 from models.decoder import Decoder
-from models.layers import LayerCache
+from models.layers import KVCache
 from models.sharding import Rules, constrain, logical_sharding, sharding_context
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
-_MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array (padded with -1) to avoid recompiles
-
 
 
 @section
@@ -59,6 +93,7 @@ class SamplerConfig:
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     max_len: Annotated[int, Field(ge=2)] = 256
 
+
 class TokenizerLike(Protocol):
     """What the sampler uses of a tokenizer (`data.tokenizer.Tokenizer`, `data.hf_tokenizer.HFTokenizer`)."""
 
@@ -74,12 +109,13 @@ class TokenizerLike(Protocol):
 
 
 class SampleOutput(NamedTuple):
-    """Per prompt i: `tokens[i]` the generated ids (EOS included when emitted; cut after the token
-    that completed a stop string), `texts[i]` their text (without EOS or the stop string; None without
-    a tokenizer), `logprobs[i]` float32 [len] per-token log-probabilities (module docstring),
-    `logprob_sums[i]`, `lengths[i] == len(tokens[i])`, `finish_reasons[i]` in {"eos", "stop",
-    "length"}, `prompt_tokens[i]` the prompt as fed (BOS included). `timing`: seconds spent in
-    prefill and decode, tokens processed."""
+    """Per request i (sample `sample_index[i]` of prompt `prompt_index[i]`, prompt-major): `tokens[i]`
+    the generated ids (EOS included when emitted; cut after the token that completed a stop string),
+    `texts[i]` their text (without EOS or the stop string; None without a tokenizer), `logprobs[i]`
+    float32 [len] per-token log-probabilities (module docstring), `logprob_sums[i]`, `lengths[i] ==
+    len(tokens[i])`, `finish_reasons[i]` in {"eos", "stop", "length"}, `prompt_tokens[i]` the prompt as
+    fed (BOS included). `timing`: seconds in prefill and decode, tokens processed. With
+    `logprobs_top_k=k`: `top_ids[i]` int32 and `top_logprobs[i]` float32, both [len, k]."""
 
     tokens: list[list[int]]
     texts: list[str] | None
@@ -89,20 +125,30 @@ class SampleOutput(NamedTuple):
     finish_reasons: list[str]
     prompt_tokens: list[list[int]]
     timing: dict[str, float]
+    prompt_index: np.ndarray | None = None
+    sample_index: np.ndarray | None = None
+    top_ids: list[np.ndarray] | None = None
+    top_logprobs: list[np.ndarray] | None = None
 
 
 class DecodeState(NamedTuple):
-    """Loop carry. tokens/logprobs: [B, N] outputs; step: [] tokens written so far; last_token,
-    position: [B] the token to feed next and its position; done: [B]; key: sampling PRNG key."""
+    """The device state of R rows. cache: stack name -> KVCache [L, R, K, S, H]; tokens, logprobs:
+    [R, N] each row's generated tokens so far; top_ids, top_logprobs: [R, N, k]; steps: [R] tokens
+    generated by the row; last_token, position: [R] the token to feed next and its position (= its
+    slot); done: [R] (rows without a request are done); keys: [R, 2] the row's sample key; iterations:
+    [] decode steps run (for timing)."""
 
-    cache: dict[str, LayerCache]
+    cache: dict[str, KVCache]
     tokens: jax.Array
     logprobs: jax.Array
-    step: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    steps: jax.Array
     last_token: jax.Array
     position: jax.Array
     done: jax.Array
-    key: jax.Array
+    keys: jax.Array
+    iterations: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +158,18 @@ class SamplingMode:
     greedy: bool
     top_k: int  # 0: no top-k truncation
     top_p: bool  # whether nucleus truncation is applied (its threshold is a runtime value)
+    logprobs_top_k: int = 0  # how many most likely tokens' log-probabilities to return per step
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The static sharding of a program: None (one device) or a mesh with its rules (hashable)."""
+
+    mesh: Mesh | None
+    rules: tuple[tuple[str, Any], ...]
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return sharding_context(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -119,148 +177,253 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-# ---- sampling one token -------------------------------------------------------------------------------
+def window_bucket(n: int, minimum: int, limit: int) -> int:
+    """The attention window for positions < n: the smallest of 2^k and 3 * 2^(k-1) >= max(n, minimum),
+    at most `limit` (the cache length)."""
+    size = bucket(n, minimum)
+    if size // 4 * 3 >= max(n, minimum) and size >= 4:
+        size = size // 4 * 3
+    return min(size, limit)
 
 
-def sample_token(
-    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: SamplingMode
-) -> tuple[jax.Array, jax.Array]:
-    """logits [B, V] float32 -> (token [B] int32, its log-probability [B]).
+# ---- sampling one token per row ------------------------------------------------------------------------
+
+
+def sample_tokens(
+    logits: jax.Array, keys: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: SamplingMode
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """logits [R, V] float32, keys [R, 2] (each row's sample key), steps [R] (the index of the token in
+    its sample) -> (tokens [R] int32, their log-probabilities [R], top ids [R, k], top log-probs [R, k]).
 
     Truncation as in transformers' logits processors: temperature, then top-k (keep the k largest),
-    then top-p (keep the smallest set of most likely tokens whose probability reaches top_p).
+    then top-p (keep the smallest set of most likely tokens whose probability reaches top_p). Row r
+    draws with fold_in(keys[r], steps[r]), so its token does not depend on the other rows.
     """
+    scaled = logits if mode.greedy else logits / temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
     if mode.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-    scaled = logits / temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    if mode.top_k or mode.top_p:
-        k = mode.top_k or scaled.shape[-1]
-        values, indices = jax.lax.top_k(scaled, k)  # sorted, descending
-        if mode.top_p:
-            probs = jax.nn.softmax(values, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            values = jnp.where(mass_before < top_p, values, -jnp.inf)
-        choice = jax.random.categorical(key, values, axis=-1)
-        token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
-        token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        values, indices = scaled, None
+        if mode.top_k or mode.top_p:
+            values, indices = jax.lax.top_k(scaled, mode.top_k or scaled.shape[-1])  # sorted, descending
+            if mode.top_p:
+                probs = jax.nn.softmax(values, axis=-1)
+                mass_before = jnp.cumsum(probs, axis=-1) - probs
+                values = jnp.where(mass_before < top_p, values, -jnp.inf)
+        choice = jax.vmap(jax.random.categorical)(step_keys, values)
+        token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+        token = token.astype(jnp.int32)
+    token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    top_logp, top_ids = jax.lax.top_k(logp, mode.logprobs_top_k)
+    return token, token_logp, top_ids.astype(jnp.int32), top_logp
 
 
-# ---- jitted prefill and decode ------------------------------------------------------------------------
+# ---- compiled programs ---------------------------------------------------------------------------------
 
 
-def _constrain_cache(cache: dict[str, LayerCache]) -> dict[str, LayerCache]:
-    """Batch over the data axes, KV heads over tensor (no-op outside a sharding context)."""
-    return {
-        name: LayerCache(
-            constrain(c.k, ("layers", "batch", None, "activation_kv_heads", None)),
-            constrain(c.v, ("layers", "batch", None, "activation_kv_heads", None)),
-            constrain(c.positions, ("layers", "batch", None)),
-            constrain(c.segment_ids, ("layers", "batch", None)),
-            c.index,
+def _constrain_cache(cache: dict[str, KVCache]) -> dict[str, KVCache]:
+    """Rows over the data axes, KV heads over tensor (no-op outside a sharding context)."""
+    axes = ("layers", "batch", "activation_kv_heads", None, None)
+    return {name: KVCache(constrain(c.k, axes), constrain(c.v, axes)) for name, c in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows", "cache_len", "budget", "cache_dtype", "top_k", "placement"))
+def _init_state(
+    graphdef: nnx.GraphDef, params: nnx.State, *, rows: int, cache_len: int, budget: int, cache_dtype: str, top_k: int,
+    placement: Placement,
+) -> DecodeState:
+    """R = `rows` empty (done) rows with caches of `cache_len` slots and room for `budget` tokens."""
+    with placement.context():
+        model = nnx.merge(graphdef, params)
+
+        def per_row(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+            return constrain(jnp.zeros(shape, dtype), ("batch",) + (None,) * (len(shape) - 1))
+
+        return DecodeState(
+            cache=_constrain_cache(model.init_kv_cache(rows, cache_len, cache_dtype)),
+            tokens=per_row((rows, budget), jnp.int32),
+            logprobs=per_row((rows, budget), jnp.float32),
+            top_ids=per_row((rows, budget, top_k), jnp.int32),
+            top_logprobs=per_row((rows, budget, top_k), jnp.float32),
+            steps=per_row((rows,), jnp.int32),
+            last_token=per_row((rows,), jnp.int32),
+            position=per_row((rows,), jnp.int32),
+            done=constrain(jnp.ones((rows,), bool), ("batch",)),
+            keys=per_row((rows, 2), jnp.uint32),
+            iterations=jnp.zeros((), jnp.int32),
         )
-        for name, c in cache.items()
-    }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "budget", "cache_dtype", "mode"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "placement"))
 def _prefill(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    tokens: jax.Array,
-    positions: jax.Array,
-    segment_ids: jax.Array,
-    done: jax.Array,
-    eos_ids: jax.Array,
-    key: jax.Array,
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *, cache_dtype: str,
+    placement: Placement,
+) -> tuple[dict[str, KVCache], jax.Array]:
+    """Prompts tokens [G, P] (right-padded; real lengths [G]) -> (their cache [L, G, K, P, H] per
+    stack, float32 logits [G, V] after each prompt's last token)."""
+    with placement.context():
+        model = nnx.merge(graphdef, params)
+        g, p = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (g, p))
+        cache = _constrain_cache(model.init_kv_cache(g, p, cache_dtype))
+        hidden, cache = model.decode(tokens, positions, cache, window=p)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [G, 1, D]
+        return cache, model.logits(last)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "placement"), donate_argnames=("state",))
+def _insert(
+    state: DecodeState,
+    prefix: dict[str, KVCache],
+    prefix_logits: jax.Array,
+    slots: jax.Array,
+    source: jax.Array,
+    prompt_lengths: jax.Array,
+    keys: jax.Array,
+    eos_mask: jax.Array,
+    max_new: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
     *,
-    cache_len: int,
-    budget: int,
-    cache_dtype: str,
     mode: SamplingMode,
+    placement: Placement,
 ) -> DecodeState:
-    """Runs the prompts [B, P] through the model into a fresh cache and samples the first token."""
-    model = nnx.merge(graphdef, state)
-    batch = tokens.shape[0]
-    cache = _constrain_cache(model.init_cache(batch, cache_len, cache_dtype))
-    hidden, _, cache = model.hidden_states(tokens, positions, segment_ids, cache)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # left padding: the last column is every row's last token
-    key, step_key = jax.random.split(key)
-    token, logp = sample_token(logits, step_key, temperature, top_p, mode)
-    out_tokens = jnp.zeros((batch, budget), jnp.int32).at[:, 0].set(token)
-    out_logprobs = jnp.zeros((batch, budget), jnp.float32).at[:, 0].set(jnp.where(done, 0.0, logp))
-    done = done | jnp.isin(token, eos_ids)
-    return DecodeState(cache, out_tokens, out_logprobs, jnp.ones((), jnp.int32), token, positions[:, -1] + 1, done, key)
+    """Starts M requests: request m goes to row slots[m] (slots >= R: filler, ignored) with prompt
+    source[m] of the prefill (prefix [L, G, K, P, H], logits [G, V]) of length prompt_lengths[m] and
+    sample key keys[m] [2]; its first token is sampled here."""
+    with placement.context():
+        cache = {}
+        for name, c in state.cache.items():
+            p = prefix[name].k.shape[3]
+            cache[name] = KVCache(
+                c.k.at[:, slots, :, :p].set(prefix[name].k[:, source], mode="drop"),
+                c.v.at[:, slots, :, :p].set(prefix[name].v[:, source], mode="drop"),
+            )
+        zero = jnp.zeros_like(slots)
+        token, logp, top_ids, top_logp = sample_tokens(prefix_logits[source], keys, zero, temperature, top_p, mode)
+        done = eos_mask[token] | (max_new <= 1)
+        return state._replace(
+            cache=_constrain_cache(cache),
+            tokens=state.tokens.at[slots, 0].set(token, mode="drop"),
+            logprobs=state.logprobs.at[slots, 0].set(logp, mode="drop"),
+            top_ids=state.top_ids.at[slots, 0].set(top_ids, mode="drop"),
+            top_logprobs=state.top_logprobs.at[slots, 0].set(top_logp, mode="drop"),
+            steps=state.steps.at[slots].set(1, mode="drop"),
+            last_token=state.last_token.at[slots].set(token, mode="drop"),
+            position=state.position.at[slots].set(prompt_lengths, mode="drop"),
+            done=state.done.at[slots].set(done, mode="drop"),
+            keys=state.keys.at[slots].set(keys, mode="drop"),
+        )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "window", "placement"), donate_argnames=("state",))
 def _decode(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
-    carry: DecodeState,
-    stop_at: jax.Array,
-    eos_ids: jax.Array,
-    pad_id: jax.Array,
+    params: nnx.State,
+    state: DecodeState,
+    max_steps: jax.Array,
+    done_target: jax.Array,
+    eos_mask: jax.Array,
+    max_new: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
     *,
     mode: SamplingMode,
+    window: int,
+    placement: Placement,
 ) -> DecodeState:
-    """Generates tokens until step == stop_at or every row is done (one device loop, no host round trips).
+    """Decodes all unfinished rows, one token per step, for `max_steps` steps or until `done_target`
+    rows are done (one device loop, no host round trips). Attention reads cache slots [0, window):
+    every unfinished row's position must stay below `window` for `max_steps` steps.
 
     The parameters ride in the loop carry unchanged: NNX modules must be built from values of the
     trace they run in, and XLA passes loop-invariant carries through without copies.
     """
+    rows, budget = state.tokens.shape
+    cache_len = next(iter(state.cache.values())).k.shape[3]
 
-    def keep_going(loop: tuple[nnx.State, DecodeState]) -> jax.Array:
-        c = loop[1]
-        return (c.step < stop_at) & ~jnp.all(c.done)
+    def keep_going(loop: tuple[nnx.State, DecodeState, jax.Array]) -> jax.Array:
+        _, s, i = loop
+        return (i < max_steps) & (jnp.sum(s.done) < done_target)
 
-    def one_token(loop: tuple[nnx.State, DecodeState]) -> tuple[nnx.State, DecodeState]:
-        params, c = loop
-        segment = jnp.ones_like(c.last_token)[:, None]
-        out = nnx.merge(graphdef, params)(c.last_token[:, None], c.position[:, None], segment, c.cache)
-        key, step_key = jax.random.split(c.key)
-        token, logp = sample_token(out.logits[:, 0], step_key, temperature, top_p, mode)
-        token = jnp.where(c.done, pad_id, token)
-        logp = jnp.where(c.done, 0.0, logp)
-        return params, DecodeState(
-            cache=out.cache,
-            tokens=jax.lax.dynamic_update_index_in_dim(c.tokens, token, c.step, axis=1),
-            logprobs=jax.lax.dynamic_update_index_in_dim(c.logprobs, logp, c.step, axis=1),
-            step=c.step + 1,
-            last_token=token,
-            position=c.position + 1,
-            done=c.done | jnp.isin(token, eos_ids),
-            key=key,
-        )
+    def one_token(loop: tuple[nnx.State, DecodeState, jax.Array]) -> tuple[nnx.State, DecodeState, jax.Array]:
+        params, s, i = loop
+        model = nnx.merge(graphdef, params)
+        active = ~s.done
+        slot = jnp.where(active, s.position, cache_len)  # finished rows write nothing
+        hidden, cache = model.decode(s.last_token[:, None], slot[:, None], s.cache, window)
+        token, logp, top_ids, top_logp = sample_tokens(model.logits(hidden)[:, 0], s.keys, s.steps, temperature, top_p, mode)
+        row, at = jnp.arange(rows), jnp.where(active, s.steps, budget)
+        steps = s.steps + active
+        return params, s._replace(
+            cache=cache,
+            tokens=s.tokens.at[row, at].set(token, mode="drop"),
+            logprobs=s.logprobs.at[row, at].set(logp, mode="drop"),
+            top_ids=s.top_ids.at[row, at].set(top_ids, mode="drop"),
+            top_logprobs=s.top_logprobs.at[row, at].set(top_logp, mode="drop"),
+            steps=steps,
+            last_token=jnp.where(active, token, s.last_token),
+            position=s.position + active,
+            done=s.done | (active & (eos_mask[token] | (steps >= max_new))),
+            iterations=s.iterations + 1,
+        ), i + 1
 
-    return jax.lax.while_loop(keep_going, one_token, (state, carry))[1]
+    with placement.context():
+        return jax.lax.while_loop(keep_going, one_token, (params, state, jnp.zeros((), jnp.int32)))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "placement"))
+def _score(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, segment_ids: jax.Array, temperature: jax.Array, *,
+    placement: Placement,
+) -> jax.Array:
+    """Full forward pass over tokens [B, T] (segment 0: padding) -> log-probability of each next token
+    [B, T - 1] under log softmax(logits / temperature)."""
+    with placement.context():
+        logits = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids).logits[:, :-1] / temperature
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@jax.jit
+def _request_keys(prompt_keys: jax.Array, samples: jax.Array) -> jax.Array:
+    """prompt_keys [G, 2], samples [n] -> keys [G, n, 2]: fold_in(prompt key, sample index)."""
+    return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(samples))(prompt_keys)
 
 
 # ---- the sampler ----------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Request:
+    prompt: int  # index into the call's prompts
+    sample: int  # sample index within its prompt
+    key: np.ndarray  # [2] uint32
+
+
+@dataclasses.dataclass
+class _Result:
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
 class Sampler:
-    """Generates continuations of batches of prompts with a Decoder (dense or MoE).
+    """Generates continuations of prompts with a Decoder (dense or MoE); see the module docstring.
 
     model: the Decoder, already placed (e.g. `load_hf_checkpoint(..., mesh=mesh)`); mesh / rules:
-      the mesh it lives on and the logical-axis rules (batch and KV cache are sharded by them).
+      the mesh it lives on and the logical-axis rules (rows and KV cache are sharded by them).
     tokenizer: needed for string prompts, texts and stop strings; its EOS id(s) end a sequence
       (`eos_ids` if it has them, else `eos_id`).
     max_len: longest prompt + generation (default the model's max_seq_len).
     add_bos: prepend BOS to string prompts (default: the tokenizer's `add_bos` if it has one, else
       whether it has a BOS id). Token-id prompts are used as given.
-
-    The sampler holds the model's parameters as they were when it was made; after a weight update
-    (RL), make a new one: that is cheap, and compiled programs are shared by all samplers of models
-    with the same structure.
+    max_rows: rows decoded at once (requests beyond it wait for finished rows: continuous batching).
+    decode_chunk: most decode steps per device loop (between refills and window changes).
+    share_prefill: prefill a prompt once for all its samples (False: once per sample).
     """
 
     def __init__(
@@ -275,20 +438,43 @@ class Sampler:
         add_bos: bool | None = None,
         min_bucket: int = 16,
         stop_check_interval: int = 16,
+        max_rows: int = 256,
+        decode_chunk: int = 32,
+        share_prefill: bool = True,
     ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.max_len = max_len or model.cfg.max_seq_len
         self.mesh, self.rules = mesh, tuple(rules or DEFAULT_RULES)
+        self.placement = Placement(mesh, self.rules if mesh is not None else ())
         self.cache_dtype = cache_dtype or model.cfg.dtype
         self.min_bucket, self.stop_check_interval = min_bucket, stop_check_interval
+        self.max_rows, self.decode_chunk, self.share_prefill = max_rows, decode_chunk, share_prefill
         bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else None
         self.add_bos = (getattr(tokenizer, "add_bos", bos is not None) if add_bos is None else add_bos) and bos is not None
         self.eos_ids: tuple[int, ...] = ()
         if tokenizer is not None:
             self.eos_ids = tuple(getattr(tokenizer, "eos_ids", None) or (() if tokenizer.eos_id is None else (tokenizer.eos_id,)))
         self.pad_id = _pad_id(tokenizer)
+
+    # -- parameters
+
+    def set_params(self, params: nnx.State | nnx.Module) -> None:
+        """Samples with `params` from now on (see `generate`'s `params`)."""
+        self.state = self._params(params)
+
+    def _params(self, params: nnx.State | nnx.Module | None) -> nnx.State:
+        if params is None:
+            return self.state
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        def signature(state: nnx.State) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+            return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+        if signature(params) != signature(self.state):
+            raise ValueError("params: the state's structure, shapes or dtypes differ from the sampler model's")
+        return params
 
     # -- input preparation
 
@@ -316,23 +502,23 @@ class Sampler:
         axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
         return math.prod(self.mesh.shape[a] for a in axes)
 
+    def _rows(self, n: int, limit: int) -> int:
+        """n rounded up to a power of two (at most `limit`'s) and a multiple of the batch shards."""
+        multiple = self._batch_multiple()
+        return -(-min(bucket(n, 1), bucket(limit, 1)) // multiple) * multiple
+
     def _put(self, array: np.ndarray, axes: tuple[str | None, ...]) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, logical_sharding(axes, self.mesh, self.rules, array.shape))
 
-    def _left_padded(self, prompts: list[list[int]], batch: int, length: int) -> dict[str, np.ndarray]:
-        tokens = np.full((batch, length), self.pad_id, np.int32)
-        positions = np.zeros((batch, length), np.int32)
-        segments = np.zeros((batch, length), np.int32)
-        done = np.zeros((batch,), bool)
-        for row in range(batch):
-            prompt = prompts[row] if row < len(prompts) else [self.pad_id]  # filler rows: one token, done at once
-            tokens[row, length - len(prompt):] = prompt
-            positions[row, length - len(prompt):] = np.arange(len(prompt))
-            segments[row, length - len(prompt):] = 1
-            done[row] = row >= len(prompts)
-        return {"tokens": tokens, "positions": positions, "segment_ids": segments, "done": done}
+    def _prompt_keys(self, seed: int | Sequence[int], count: int) -> jax.Array:
+        if isinstance(seed, (int, np.integer)):
+            return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(int(seed)), jnp.arange(count))
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise ValueError(f"seed: got {len(seeds)} seeds for {count} prompts")
+        return jnp.stack([jax.random.PRNGKey(s) for s in seeds])
 
     # -- generation
 
@@ -341,106 +527,79 @@ class Sampler:
         prompts: Sequence[str] | Sequence[Sequence[int]],
         max_new_tokens: int,
         *,
+        n: int = 1,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
+        params: nnx.State | nnx.Module | None = None,
+        logprobs_top_k: int = 0,
+        max_rows: int | None = None,
     ) -> SampleOutput:
-        """Continues every prompt by up to `max_new_tokens` tokens (see `SampleOutput`).
+        """`n` continuations of every prompt, each up to `max_new_tokens` tokens (see `SampleOutput`
+        and the module docstring).
 
         temperature 0 is greedy decoding. top_k 0 and top_p 1 disable those truncations. stop:
         strings that end a sequence (the text is cut before them); stop_token_ids: ids that end a
-        sequence like EOS. seed: sampling is deterministic given the seed and the batch.
+        sequence like EOS. seed: one int, or one per prompt. params: the weights to sample with.
+        logprobs_top_k: also return the k most likely tokens' log-probabilities. max_rows: overrides
+        the sampler's.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        if max_new_tokens < 1 or n < 1:
+            raise ValueError(f"max_new_tokens and n must be >= 1, got {max_new_tokens}, {n}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or logprobs_top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        eos = tuple(dict.fromkeys((*self.eos_ids, *stop_token_ids)))
-        if len(eos) > _MAX_EOS_IDS:
-            raise ValueError(f"at most {_MAX_EOS_IDS} EOS / stop token ids, got {len(eos)}")
+        params = self._params(params)
+        eos = sorted(set(self.eos_ids) | {int(t) for t in stop_token_ids})
         prompts_ids = self.encode_prompts(prompts)
         longest = max(len(p) for p in prompts_ids)
         if longest + max_new_tokens > self.max_len:
             raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_len={self.max_len}")
         prompt_len = min(bucket(longest, self.min_bucket), self.max_len - max_new_tokens)
         budget = min(bucket(max_new_tokens, self.min_bucket), self.max_len - prompt_len)
-        multiple = self._batch_multiple()
-        batch = -(-bucket(len(prompts_ids), 1) // multiple) * multiple
-        mode = SamplingMode(greedy=temperature == 0, top_k=min(top_k, self.cfg.vocab_size), top_p=top_p < 1)
+        rows = self._rows(len(prompts_ids) * n, max_rows or self.max_rows)
+        mode = SamplingMode(greedy=temperature == 0, top_k=min(top_k, self.cfg.vocab_size), top_p=top_p < 1,
+                            logprobs_top_k=min(logprobs_top_k, self.cfg.vocab_size))
+        eos_mask = np.zeros((self.cfg.vocab_size,), bool)
+        eos_mask[[t for t in eos if 0 <= t < self.cfg.vocab_size]] = True
+        keys = np.asarray(_request_keys(self._prompt_keys(seed, len(prompts_ids)), jnp.arange(n)))
+        run = _Run(
+            self, params, prompts_ids, [_Request(g, j, keys[g, j]) for g in range(len(prompts_ids)) for j in range(n)],
+            rows=rows, prompt_len=prompt_len, budget=budget, mode=mode, stop=tuple(stop),
+            scalars=dict(eos_mask=jnp.asarray(eos_mask), max_new=jnp.int32(max_new_tokens),
+                         temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p)),
+        )
+        results = run.loop()
+        return self._finish(prompts_ids, run.requests, results, set(eos), stop, mode)._replace(timing=run.timing)
 
-        inputs = self._left_padded(prompts_ids, batch, prompt_len)
-        eos_array = np.full((_MAX_EOS_IDS,), -1, np.int32)
-        eos_array[: len(eos)] = eos
-        scalars = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p))
-        context = sharding_context(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
-
-        with context:
-            start = time.perf_counter()
-            carry = _prefill(
-                self.graphdef, self.state,
-                self._put(inputs["tokens"], ("batch", None)),
-                self._put(inputs["positions"], ("batch", None)),
-                self._put(inputs["segment_ids"], ("batch", None)),
-                self._put(inputs["done"], ("batch",)),
-                jnp.asarray(eos_array), jax.random.key(seed), **scalars,
-                cache_len=prompt_len + budget, budget=budget, cache_dtype=self.cache_dtype, mode=mode,
-            )
-            jax.block_until_ready(carry.tokens)
-            prefill_seconds = time.perf_counter() - start
-            carry = self._decode_loop(carry, prompts_ids, max_new_tokens, stop, eos_array, mode, scalars)
-            tokens, logprobs, steps = jax.device_get((carry.tokens, carry.logprobs, carry.step))
-            decode_seconds = time.perf_counter() - start - prefill_seconds
-
-        output = self._finish(prompts_ids, tokens, logprobs, int(steps), set(eos), stop)
-        generated = int(output.lengths.sum())
-        timing = {
-            "prefill_seconds": prefill_seconds,
-            "decode_seconds": decode_seconds,
-            "prompt_tokens": float(sum(map(len, prompts_ids))),
-            "generated_tokens": float(generated),
-            "decode_steps": float(steps),
-        }
-        return output._replace(timing=timing)
-
-    def _decode_loop(
+    def score(
         self,
-        carry: DecodeState,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        stop: Sequence[str],
-        eos_array: np.ndarray,
-        mode: SamplingMode,
-        scalars: dict[str, jax.Array],
-    ) -> DecodeState:
-        """Runs `_decode` to the end, or in chunks with host-side stop-string checks between them."""
-        interval = self.stop_check_interval if stop else max_new_tokens
-        step = 1
-        while step < max_new_tokens:
-            step = min(step + interval, max_new_tokens)
-            carry = _decode(
-                self.graphdef, self.state, carry, jnp.int32(step), jnp.asarray(eos_array),
-                jnp.int32(self.pad_id), **scalars, mode=mode,
-            )
-            if not stop:
-                continue
-            tokens, done, written = jax.device_get((carry.tokens, carry.done, carry.step))
-            if done.all():
-                break
-            new_done = done.copy()
-            for row, prompt in enumerate(prompts):
-                if not done[row] and _find_stop(self._text(prompt, tokens[row, :written]), stop) is not None:
-                    new_done[row] = True
-            if new_done.all():
-                break
-            if (new_done != done).any():
-                carry = carry._replace(done=self._put(new_done, ("batch",)))
-            step = int(written)
-        return carry
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+        params: nnx.State | nnx.Module | None = None,
+    ) -> list[np.ndarray]:
+        """Log-probabilities [len(completions[i])] of each completion's tokens after its prompt under
+        log softmax(logits / temperature), from one full forward pass of the model (what the learner
+        computes), batched and padded to buckets."""
+        params = self._params(params)
+        sequences = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+        length = bucket(max(map(len, sequences)), self.min_bucket)
+        batch = self._rows(len(sequences), len(sequences))
+        tokens = np.full((batch, length), self.pad_id, np.int32)
+        segments = np.zeros((batch, length), np.int32)
+        for row, sequence in enumerate(sequences):
+            tokens[row, : len(sequence)], segments[row, : len(sequence)] = sequence, 1
+        logp = np.asarray(_score(self.graphdef, params, self._put(tokens, ("batch", None)), self._put(segments, ("batch", None)),
+                                 jnp.float32(temperature), placement=self.placement))
+        return [logp[row, len(p) - 1 : len(s) - 1].astype(np.float32) for row, (p, s) in enumerate(zip(prompts, sequences))]
+
+    # -- outputs
 
     def _text(self, prompt: list[int], generated: Sequence[int]) -> str:
         """Text of `generated` as it reads after `prompt` (some tokenizers drop a leading space when
@@ -453,15 +612,16 @@ class Sampler:
     def _finish(
         self,
         prompts: list[list[int]],
-        tokens: np.ndarray,
-        logprobs: np.ndarray,
-        steps: int,
+        requests: list[_Request],
+        results: list[_Result],
         eos: set[int],
         stop: Sequence[str],
+        mode: SamplingMode,
     ) -> SampleOutput:
-        out_tokens, out_logprobs, texts, reasons = [], [], [], []
-        for row, prompt in enumerate(prompts):
-            generated = tokens[row, :steps].tolist()
+        out_tokens, out_logprobs, texts, reasons, top_ids, top_logprobs = [], [], [], [], [], []
+        for request, result in zip(requests, results):
+            prompt = prompts[request.prompt]
+            generated = result.tokens.tolist()
             eos_at = next((i for i, t in enumerate(generated) if t in eos), None)
             if eos_at is None:
                 reason, body = FINISH_LENGTH, generated
@@ -476,7 +636,9 @@ class Sampler:
                     generated = body[: self._tokens_through_stop(prompt, body, stop)]
                     text, reason = text[:cut], FINISH_STOP
             out_tokens.append(generated)
-            out_logprobs.append(logprobs[row, : len(generated)].astype(np.float32))
+            out_logprobs.append(result.logprobs[: len(generated)].astype(np.float32))
+            top_ids.append(result.top_ids[: len(generated)])
+            top_logprobs.append(result.top_logprobs[: len(generated)])
             texts.append(text)
             reasons.append(reason)
         return SampleOutput(
@@ -486,8 +648,12 @@ class Sampler:
             logprob_sums=np.array([lp.sum() for lp in out_logprobs], np.float32),
             lengths=np.array([len(t) for t in out_tokens], np.int32),
             finish_reasons=reasons,
-            prompt_tokens=prompts,
+            prompt_tokens=[prompts[r.prompt] for r in requests],
             timing={},
+            prompt_index=np.array([r.prompt for r in requests], np.int32),
+            sample_index=np.array([r.sample for r in requests], np.int32),
+            top_ids=top_ids if mode.logprobs_top_k else None,
+            top_logprobs=top_logprobs if mode.logprobs_top_k else None,
         )
 
     def _tokens_through_stop(self, prompt: list[int], generated: list[int], stop: Sequence[str]) -> int:
@@ -503,6 +669,109 @@ class Sampler:
         return low
 
 
+class _Run:
+    """One `generate` call's host loop: refill free rows with pending requests, decode a chunk, read
+    back the rows that finished (and check stop strings), until every request has its result."""
+
+    def __init__(
+        self, sampler: Sampler, params: nnx.State, prompts: list[list[int]], requests: list[_Request], *, rows: int,
+        prompt_len: int, budget: int, mode: SamplingMode, stop: tuple[str, ...], scalars: dict[str, jax.Array],
+    ):
+        self.s, self.params, self.prompts, self.requests = sampler, params, prompts, requests
+        self.rows, self.prompt_len, self.budget, self.mode, self.stop = rows, prompt_len, budget, mode, stop
+        self.scalars = scalars
+        self.cache_len = prompt_len + budget
+        self.timing = dict(prefill_seconds=0.0, decode_seconds=0.0, prompt_tokens=0.0, generated_tokens=0.0,
+                           decode_steps=0.0, rows=float(rows))
+
+    def loop(self) -> list[_Result]:
+        s = self.s
+        state = _init_state(s.graphdef, self.params, rows=self.rows, cache_len=self.cache_len, budget=self.budget,
+                            cache_dtype=s.cache_dtype, top_k=self.mode.logprobs_top_k, placement=s.placement)
+        pending = collections.deque(range(len(self.requests)))
+        row_request = [-1] * self.rows  # request decoded in each row, -1: free
+        row_position = np.zeros(self.rows, np.int64)  # host bound on each row's next position
+        results: list[_Result | None] = [None] * len(self.requests)
+        chunk = min(s.decode_chunk, s.stop_check_interval) if self.stop else s.decode_chunk
+        while pending or any(r >= 0 for r in row_request):
+            free = [row for row, r in enumerate(row_request) if r < 0]
+            if pending and free:
+                start = time.perf_counter()
+                taken = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+                state = self._insert(state, list(zip(free, taken)))
+                for row, r in zip(free, taken):
+                    row_request[row], row_position[row] = r, len(self.prompts[self.requests[r].prompt])
+                jax.block_until_ready(state.done)
+                self.timing["prefill_seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            busy = [row for row, r in enumerate(row_request) if r >= 0]
+            window = window_bucket(int(row_position[busy].max()) + chunk, s.min_bucket, self.cache_len)
+            target = self.rows if not pending else min(self.rows, self.rows - len(busy) + max(1, self.rows // 8))
+            state = _decode(s.graphdef, self.params, state, jnp.int32(chunk), jnp.int32(target), **self.scalars,
+                            mode=self.mode, window=window, placement=s.placement)
+            done, steps = jax.device_get((state.done, state.steps))
+            self.timing["decode_seconds"] += time.perf_counter() - start
+            for row in busy:
+                row_position[row] = len(self.prompts[self.requests[row_request[row]].prompt]) + steps[row]
+            stopped = self._stop_strings(state, row_request, done, steps) if self.stop else set()
+            if stopped:
+                done = done.copy()
+                done[list(stopped)] = True
+                state = state._replace(done=s._put(done, ("batch",)))
+            finished = [row for row in busy if done[row]]
+            if finished:
+                tokens, logprobs, top_ids, top_logprobs = jax.device_get(
+                    (state.tokens, state.logprobs, state.top_ids, state.top_logprobs))
+                for row in finished:
+                    n = steps[row]
+                    results[row_request[row]] = _Result(tokens[row, :n], logprobs[row, :n], top_ids[row, :n],
+                                                        top_logprobs[row, :n])
+                    row_request[row] = -1
+        self.timing["decode_steps"] = float(jax.device_get(state.iterations))
+        self.timing["generated_tokens"] = float(sum(len(r.tokens) for r in results if r is not None))
+        return [r for r in results if r is not None]
+
+    def _insert(self, state: DecodeState, assignments: list[tuple[int, int]]) -> DecodeState:
+        """Prefills the prompts of `assignments` (row, request) once each (or once per request without
+        `share_prefill`) and starts the requests in their rows."""
+        s = self.s
+        if s.share_prefill:
+            prompt_ids = list(dict.fromkeys(self.requests[r].prompt for _, r in assignments))
+            source = [prompt_ids.index(self.requests[r].prompt) for _, r in assignments]
+        else:
+            prompt_ids = [self.requests[r].prompt for _, r in assignments]
+            source = list(range(len(assignments)))
+        count = s._rows(len(prompt_ids), max(len(prompt_ids), 1))
+        tokens = np.full((count, self.prompt_len), s.pad_id, np.int32)
+        lengths = np.ones((count,), np.int32)
+        for i, g in enumerate(prompt_ids):
+            prompt = self.prompts[g]
+            tokens[i, : len(prompt)], lengths[i] = prompt, len(prompt)
+        self.timing["prompt_tokens"] += float(lengths[: len(prompt_ids)].sum())
+        prefix, logits = _prefill(s.graphdef, self.params, s._put(tokens, ("batch", None)), s._put(lengths, ("batch",)),
+                                  cache_dtype=s.cache_dtype, placement=s.placement)
+        m = bucket(len(assignments), 1)
+        slots = np.full((m,), self.rows, np.int32)  # filler entries point past the last row: dropped
+        sources, prompt_lengths, keys = np.zeros((m,), np.int32), np.zeros((m,), np.int32), np.zeros((m, 2), np.uint32)
+        for i, ((row, r), src) in enumerate(zip(assignments, source)):
+            request = self.requests[r]
+            slots[i], sources[i], keys[i] = row, src, request.key
+            prompt_lengths[i] = len(self.prompts[request.prompt])
+        return _insert(state, prefix, logits, jnp.asarray(slots), jnp.asarray(sources), jnp.asarray(prompt_lengths),
+                       jnp.asarray(keys), **self.scalars, mode=self.mode, placement=s.placement)
+
+    def _stop_strings(self, state: DecodeState, row_request: list[int], done: np.ndarray, steps: np.ndarray) -> set[int]:
+        """Rows still running whose text so far contains a stop string."""
+        running = [row for row, r in enumerate(row_request) if r >= 0 and not done[row]]
+        if not running:
+            return set()
+        tokens = jax.device_get(state.tokens)
+        s = self.s
+        return {row for row in running
+                if _find_stop(s._text(self.prompts[self.requests[row_request[row]].prompt], tokens[row, : steps[row]]),
+                              self.stop) is not None}
+
+
 def _pad_id(tokenizer: TokenizerLike | None) -> int:
     """The id that fills padding slots and finished rows (never attended to, never returned)."""
     try:
@@ -515,4 +784,3 @@ def _find_stop(text: str, stop: Sequence[str]) -> int | None:
     """Index of the earliest stop string in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return min(hits) if hits else None
-

@@ -1,6 +1,9 @@
 """The KV-cache sampler against the model run without a cache: greedy tokens equal step-by-step
-argmax over full forward passes, returned log-probabilities equal a full forward pass's, truncation
-keeps samples inside top-k / nucleus sets, EOS / stop strings end sequences, a mesh changes nothing."""
+argmax over full forward passes (with shared prefill, continuous batching and attention windows),
+returned log-probabilities equal a full forward pass's, group samples from one shared prefill equal
+independently prefilled ones, a prompt's samples do not depend on the rest of the batch, new
+parameters reuse compiled programs, truncation keeps samples inside top-k / nucleus sets, EOS / stop
+strings end sequences, a mesh changes nothing."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,10 @@ from flax import nnx
 
 from configs.sharding_rules import DEFAULT_RULES
 from data.hf_tokenizer import HFTokenizer
+from models import sampler as sampler_module
 from models.config import MoEConfig, get_preset
 from models.decoder import Decoder
-from models.sampler import Sampler, bucket
+from models.sampler import Sampler, bucket, window_bucket
 from models.sharding import create_sharded, make_mesh
 
 VOCAB = 128
@@ -165,19 +169,101 @@ def test_sharded_mesh_gives_the_same_tokens(name, mesh_shape):
     np.testing.assert_allclose(out.logprob_sums, reference.logprob_sums, atol=1e-4)
 
 
-def test_same_buckets_and_structure_share_compiled_programs(model):
-    from models import sampler as sampler_module
+def compiled_programs():
+    return tuple(f._cache_size() for f in (sampler_module._prefill, sampler_module._insert, sampler_module._decode))
 
+
+def test_same_buckets_and_structure_share_compiled_programs(model):
     sampler = Sampler(model)
     sampler.generate(PROMPTS, max_new_tokens=9)
-    compiled = sampler_module._prefill._cache_size(), sampler_module._decode._cache_size()
+    compiled = compiled_programs()
     # Other lengths in the same buckets (batch 3 -> 4, prompts <= 16, budget <= 16): nothing new to compile.
     sampler.generate([[4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6], [3], [9, 9], [1]], max_new_tokens=16)
-    # A sampler for new weights of the same model (an RL update) reuses the programs too.
+    # A sampler for new weights of the same model reuses the programs too.
     Sampler(Decoder(CONFIGS["dense"], rngs=nnx.Rngs(7))).generate(PROMPTS, max_new_tokens=9)
-    sampler.generate([[4, 5], [3, 4, 5]], max_new_tokens=2)  # batch bucket 2 is new
-    assert (sampler_module._prefill._cache_size(), sampler_module._decode._cache_size()) == (compiled[0] + 1, compiled[1] + 1)
+    assert compiled_programs() == compiled
     assert bucket(7, 16) == bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(3, 1) == 4
+    assert [window_bucket(n, 16, 256) for n in (1, 17, 24, 25, 33, 49, 200)] == [16, 24, 24, 32, 48, 64, 256]
+
+
+def test_new_params_as_arguments_reuse_programs(model):
+    """The RL loop: one sampler, new weights every step, passed as an argument."""
+    other = Decoder(CONFIGS["dense"], rngs=nnx.Rngs(5))
+    sampler = Sampler(model)
+    first = sampler.generate(PROMPTS, max_new_tokens=7, temperature=1.0, seed=2)
+    compiled = compiled_programs()
+    updated = sampler.generate(PROMPTS, max_new_tokens=7, temperature=1.0, seed=2, params=nnx.state(other))
+    assert compiled_programs() == compiled
+    assert updated.tokens == Sampler(other).generate(PROMPTS, max_new_tokens=7, temperature=1.0, seed=2).tokens
+    assert updated.tokens != first.tokens
+    for prompt, tokens, logprobs in zip(PROMPTS, updated.tokens, updated.logprobs):
+        np.testing.assert_allclose(logprobs, full_forward_logprobs(other, prompt, tokens), atol=2e-5)
+    sampler.set_params(other)
+    assert sampler.generate(PROMPTS, max_new_tokens=7, temperature=1.0, seed=2).tokens == updated.tokens
+    with pytest.raises(ValueError, match="structure, shapes or dtypes differ"):
+        sampler.generate(PROMPTS, max_new_tokens=7, params=nnx.state(Decoder(tiny(n_layers=3), rngs=nnx.Rngs(0))))
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_greedy_with_groups_refills_and_windows_equals_decoding_without_cache(name):
+    """n samples per prompt from one prefill, 2 rows for 6 requests (continuous batching), windows
+    that grow every 3 steps, an EOS that ends some samples early: greedy tokens are still the
+    uncached model's."""
+    model = Decoder(CONFIGS[name], rngs=nnx.Rngs(0))
+    reference = [greedy_without_cache(model, prompt, 12) for prompt in PROMPTS]
+    eos = reference[1][4]
+    sampler = Sampler(model, max_rows=2, decode_chunk=3, min_bucket=4)
+    out = sampler.generate(PROMPTS, max_new_tokens=12, n=2, stop_token_ids=[eos])
+    assert list(out.prompt_index) == [0, 0, 1, 1, 2, 2] and list(out.sample_index) == [0, 1] * 3
+    for i, tokens in enumerate(out.tokens):
+        full = reference[out.prompt_index[i]]
+        expected = full[: full.index(eos) + 1] if eos in full else full
+        assert tokens == expected
+        np.testing.assert_allclose(out.logprobs[i], full_forward_logprobs(model, PROMPTS[out.prompt_index[i]], tokens),
+                                   atol=2e-5)
+    assert out.finish_reasons[2] == "eos"
+
+
+def long_tailed(model):
+    """A sampler and EOS ids under which sampled lengths vary from 1 to 24 tokens."""
+    return Sampler(model, max_rows=4, decode_chunk=4), dict(max_new_tokens=24, temperature=1.0, stop_token_ids=[3, 50, 77])
+
+
+def test_shared_prefill_group_samples_equal_independently_prefilled_ones(model):
+    sampler, kwargs = long_tailed(model)
+    shared = sampler.generate(PROMPTS, n=4, seed=[11, 12, 13], **kwargs)
+    separate = Sampler(model, max_rows=4, decode_chunk=4, share_prefill=False).generate(PROMPTS, n=4, seed=[11, 12, 13], **kwargs)
+    assert shared.tokens == separate.tokens
+    assert len(set(map(len, shared.tokens))) > 3  # lengths vary: rows were refilled mid-way
+    assert shared.timing["prompt_tokens"] < separate.timing["prompt_tokens"]
+    for a, b in zip(shared.logprobs, separate.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_continuous_batching_keeps_each_prompts_samples_independent_of_the_batch(model):
+    sampler, kwargs = long_tailed(model)
+    target = [9, 8, 7, 6, 5]
+    alone = Sampler(model, max_rows=16).generate([target], n=3, seed=[42], **kwargs)
+    crowded = sampler.generate([PROMPTS[0], target, *PROMPTS[1:], PROMPTS[0]], n=3, seed=[1, 42, 2, 3, 4], **kwargs)
+    rows = [i for i, g in enumerate(crowded.prompt_index) if g == 1]
+    assert [crowded.tokens[i] for i in rows] == alone.tokens
+    assert len({tuple(t) for t in alone.tokens}) == 3  # the samples of a prompt differ from each other
+    for i, logprobs in zip(rows, alone.logprobs):
+        np.testing.assert_allclose(crowded.logprobs[i], logprobs, atol=1e-5)
+    scored = sampler.score(crowded.prompt_tokens, crowded.tokens)
+    for i, (prompt, tokens) in enumerate(zip(crowded.prompt_tokens, crowded.tokens)):
+        np.testing.assert_allclose(crowded.logprobs[i], scored[i], atol=2e-5)
+        np.testing.assert_allclose(scored[i], full_forward_logprobs(model, prompt, tokens), atol=2e-5)
+
+
+def test_top_k_logprobs_are_the_full_forward_passes(model):
+    out = Sampler(model).generate(PROMPTS, max_new_tokens=5, temperature=0.8, seed=1, logprobs_top_k=3)
+    for prompt, tokens, ids, logprobs in zip(PROMPTS, out.tokens, out.top_ids, out.top_logprobs):
+        logits = full_forward_logits(model, prompt + tokens)[len(prompt) - 1 : -1] / 0.8
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        assert ids.shape == (5, 3) and (ids == np.argsort(-logp, axis=-1)[:, :3]).all()
+        np.testing.assert_allclose(logprobs, np.take_along_axis(logp, ids, axis=-1), atol=2e-5)
+    assert Sampler(model).generate(PROMPTS, max_new_tokens=2).top_ids is None
 
 
 def test_bad_requests_are_clear_errors(model):
