@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps quickstart sft lint test test-slow bench clean
+.PHONY: install system-deps quickstart sft rl lint test test-slow bench clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ quickstart: install
 sft: install system-deps
 	@test -f runs/quickstart/run_config.json || { echo "runs/quickstart missing: run make quickstart first"; exit 1; }
 	$(PY) -m train.sft --config=configs/sft/quickstart.py
+
+# RL with execution rewards from the SFT default's model (runs/sft-quickstart; run `make sft` first) on the
+# generated train problems, held-out pass@1 before/after, reward curve and time split in runs/rl-quickstart.
+rl: install system-deps
+	@test -f runs/sft-quickstart/run_config.json || { echo "runs/sft-quickstart missing: run make sft first"; exit 1; }
+	$(PY) -m rl.train --config=configs/rl/quickstart.py
 
 # ruff (style, bugs) and import-linter (the one-way layers in pyproject.toml), then the tests.
 lint: install

@@ -140,3 +140,40 @@ def test_rl_survives_a_service_killed_and_restarted(pretrained, coin_problems, t
     assert errors[-1] == 0  # ... and scored again once it was back
     down = [r for r in rollouts if r["service_errors"] == r["rewards_sampled"]]
     assert all(r["reward_mean"] == -1.0 for r in down)
+
+
+@pytest.mark.slow
+def test_rl_with_reference_kl_truncated_is_and_dynamic_sampling(pretrained, service, coin_problems, tmp_path):
+    """The other paths: a frozen reference (KL k3), old log-probs recomputed by the learner with truncated
+    IS against the sampler's, GSPO's sequence ratio, DAPO dynamic sampling and the soft overlong penalty."""
+    out = tmp_path / "variants"
+    run = load_rl_config(rl_config(pretrained, out, coin_problems, train__steps=2, rl__mini_batches=1,
+                                   rl__prompts_per_batch=2, rl__kl_coef=0.1, rl__tis_cap=2.0, rl__ratio="sequence",
+                                   rl__dynamic_sampling=True, rl__overlong="soft", rl__overlong_cache=8,
+                                   rl__estimator="grpo", rl__aggregation="seq-mean-token-mean"))
+    summary = train_rl(run, urls=[service.url])
+    steps, rollouts = records(out, "train"), records(out, "rollout")
+    assert summary["steps"] == 2 and len(rollouts) == 2
+    # step 1: policy == reference == old policy, and the learner's log-probs match the sampler's
+    assert steps[0]["kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert steps[0]["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(steps[0]["sampler_kl"]) < 1e-3
+    assert steps[1]["kl_ref"] > 0  # after one update the policy moved away from the reference
+    assert all(1 <= r["sampling_rounds"] <= 3 and r["chosen_groups"] <= 2 for r in rollouts)
+
+
+def test_rl_configs_load_and_name_bad_fields(pretrained, tmp_path):
+    from configs.rl import quickstart  # noqa: PLC0415
+    from configs.schema import ConfigError  # noqa: PLC0415
+
+    cfg = quickstart.get_config()
+    cfg.rl.init_from = str(pretrained)
+    run = load_rl_config(cfg)
+    assert run.rl.group_size == 16 and run.rl.estimator == "rloo" and run.data.batch_size == 32
+    assert run.data.seq_len == 256 and run.data.tokenizer_path == str(pretrained / "tokenizer.model")
+    with pytest.raises(ConfigError, match="rl.init_from"):
+        load_rl_config(rl_base.get_config())
+    with pytest.raises(ConfigError, match="rl.mini_batches"):
+        load_rl_config(rl_config(pretrained, tmp_path, rl__mini_batches=3))
+    with pytest.raises(ConfigError, match="rl.estimator"):
+        load_rl_config(rl_config(pretrained, tmp_path, rl__estimator="ppo"))
