@@ -330,7 +330,7 @@ def _train(run: RLConfig, urls: list[str]) -> dict[str, Any] | None:
             source.ref_policy = lambda: reference
         task = TrainTask(model_config=run.model, train_data=source, loss_fn=functools.partial(policy_loss, rl=rl),
                          pretrained=None if resuming else load_starting_model(run, mesh),
-                         trainable=trainable_filter(run.model))
+                         trainable=trainable_filter(run.model), count_data_time=False)
         trainer = RLTrainer(run, task, source, mesh=mesh)
         pass_at_k = None
         if rl.eval.problems:

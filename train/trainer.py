@@ -17,6 +17,7 @@ written only after the restore succeeded, so a failed resume leaves the run dire
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -62,6 +63,9 @@ class TrainTask:
     init_model: Callable[[], nnx.Module] | None = None  # default: a freshly initialised Decoder
     pretrained: nnx.Module | None = None  # start from these weights instead (its arrays are donated)
     trainable: Any = nnx.Param  # what the optimizer updates (nnx.LoRAParam for LoRA); the rest stays frozen
+    # Whether waiting for the next batch counts as step time (input-bound training shows in tokens/s);
+    # RL excludes its rollouts, which it reports in a time split of its own.
+    count_data_time: bool = True
 
 
 @dataclasses.dataclass
@@ -275,7 +279,9 @@ class Trainer:
         with _PreemptionFlag() as preemption:
             self._preemption = preemption
             while step < total and not self._stop_requested:
-                host = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in next(self.task.train_data).items()}
+                with contextlib.nullcontext() if self.task.count_data_time else self.timer.paused(state):
+                    batch = next(self.task.train_data)
+                host = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
                 with sharding_context(self.mesh, self.rules):
                     state, metrics = self.train_step(state, self._global_batch(host, self.batch_sharding))
                 step += 1
