@@ -52,16 +52,17 @@ def sample_completions(generator: Generator, problems: Sequence[Problem], *, num
 
 
 class SamplerGenerator:
-    """The `Generator` protocol over codelm's `models.sampler.Sampler`: each prompt is repeated
-    `num_samples` times in one batch; a fixed seed makes a run reproducible."""
+    """The `Generator` protocol over codelm's `models.sampler.Sampler`: the `num_samples` samples of a
+    prompt share one prefill of it (`generate(..., n=num_samples)`), rows are refilled as samples
+    finish; a fixed seed makes a run reproducible."""
 
     def __init__(self, sampler: Any, seed: int = 0):
         self.sampler, self.seed = sampler, seed
 
     def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int, temperature: float,
                  stop: list[str]) -> list[list[str]]:
-        repeated = [prompt for prompt in prompts for _ in range(num_samples)]
-        texts = self.sampler.generate(repeated, max_new_tokens, temperature=temperature, stop=stop, seed=self.seed).texts
+        texts = self.sampler.generate(prompts, max_new_tokens, n=num_samples, temperature=temperature, stop=stop,
+                                      seed=self.seed).texts
         self.seed += 1
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 

@@ -276,3 +276,15 @@ def test_bad_requests_are_clear_errors(model):
         sampler.generate(["hello"], max_new_tokens=5)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
         sampler.generate([[VOCAB]], max_new_tokens=5)
+
+
+def test_evals_generator_samples_groups_from_one_call(tmp_path):
+    from evals.generation import SamplerGenerator
+    from tests.models.test_hf_tokenizer import byte_level_tokenizer
+
+    tokenizer = HFTokenizer(byte_level_tokenizer(tmp_path))
+    sampler = Sampler(Decoder(tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(2)), tokenizer)
+    prompts = ["def add(a, b):", "import json\n"]
+    texts = SamplerGenerator(sampler, seed=5).generate(prompts, 3, 8, 1.0, ["\n\n"])
+    expected = sampler.generate(prompts, 8, n=3, temperature=1.0, stop=["\n\n"], seed=5).texts
+    assert texts == [expected[:3], expected[3:]] and len(set(texts[0])) > 1
