@@ -16,7 +16,7 @@ any command timed out or exited non-zero, and `SandboxError` when the service it
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import pydantic
 
@@ -71,7 +71,7 @@ class _Request(pydantic.BaseModel):
     compile_timeout: StrictNumber = 10.0
     run_timeout: StrictNumber = 10.0
     memory_limit_MB: StrictInt = -1
-    files: dict[str, Optional[str]] = pydantic.Field(default_factory=dict)
+    files: dict[str, str | None] = pydantic.Field(default_factory=dict)
     fetch_files: list[str] = pydantic.Field(default_factory=list)
 
 
@@ -84,7 +84,7 @@ class RunCodeRequest(_Request):
     memory_limit_MB: -1 means the server's default limit.
     """
 
-    stdin: Optional[str] = None
+    stdin: str | None = None
 
 
 class TestCase(pydantic.BaseModel):
@@ -93,8 +93,8 @@ class TestCase(pydantic.BaseModel):
     __test__ = False  # not a pytest class, despite the name
     model_config = pydantic.ConfigDict(extra="ignore")
 
-    stdin: Optional[str] = None
-    expected_stdout: Optional[str] = None
+    stdin: str | None = None
+    expected_stdout: str | None = None
 
 
 class RunTestsRequest(_Request):
@@ -122,10 +122,10 @@ class CommandRunResult(pydantic.BaseModel):
     a command killed by signal N reports 128 + N, as a shell would."""
 
     status: CommandRunStatus
-    execution_time: Optional[float] = None
-    return_code: Optional[int] = None
-    stdout: Optional[str] = None
-    stderr: Optional[str] = None
+    execution_time: float | None = None
+    return_code: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -145,9 +145,9 @@ def overall_status(*results: CommandRunResult | None) -> RunStatus:
 class RunCodeResponse(pydantic.BaseModel):
     status: RunStatus
     message: str = ""
-    compile_result: Optional[CommandRunResult] = None
-    run_result: Optional[CommandRunResult] = None
-    executor_pod_name: Optional[str] = None
+    compile_result: CommandRunResult | None = None
+    run_result: CommandRunResult | None = None
+    executor_pod_name: str | None = None
     files: dict[str, str] = pydantic.Field(default_factory=dict)
 
 
@@ -157,7 +157,7 @@ class TestCaseResult(pydantic.BaseModel):
     __test__ = False
 
     passed: bool
-    run_result: Optional[CommandRunResult] = None
+    run_result: CommandRunResult | None = None
 
 
 class RunTestsResponse(pydantic.BaseModel):
@@ -165,7 +165,7 @@ class RunTestsResponse(pydantic.BaseModel):
 
     status: RunStatus
     message: str = ""
-    compile_result: Optional[CommandRunResult] = None
+    compile_result: CommandRunResult | None = None
     test_results: list[TestCaseResult] = pydantic.Field(default_factory=list)
     files: dict[str, str] = pydantic.Field(default_factory=dict)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -128,7 +129,7 @@ class RequestLimits:
         except _TooLarge:
             await _reject(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await _reject(send, 408, f"request body not received within {self.timeout_s:g} s")
             return
         if body is None:

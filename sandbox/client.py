@@ -19,7 +19,8 @@ import functools
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 import pydantic
@@ -37,6 +38,8 @@ from sandbox.endpoints import Endpoint, EndpointPool
 from sandbox.retry import SAFE_STATUS, RetryPolicy, is_safe_error, retry_after
 
 REQUEST_ID_HEADER = "X-Request-Id"
+_GET_HEADERS = ((b"accept", b"application/json"),)
+_JSON_HEADERS = (*_GET_HEADERS, (b"content-type", b"application/json"))
 # Below the service's idle limits (keep-alive timeout, and sandbox.bounds.DRAIN_IDLE_S when it stops),
 # so the service never closes a connection this client is about to reuse.
 _KEEPALIVE_EXPIRY_S = 2.0
@@ -75,8 +78,10 @@ class SandboxClient:
         self.base_url = self.endpoints.endpoints[0].url
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency,
                               keepalive_expiry=_KEEPALIVE_EXPIRY_S)
-        self._http = httpx.AsyncClient(limits=limits, transport=transport, timeout=None, verify=_tls_context(),
-                                       headers={"Accept": "application/json"})
+        # Requests go straight to the transport (httpx's connection pool): the AsyncClient layers above
+        # it (cookies, auth, redirects, header and URL merging) cost about as much CPU per call as the
+        # transport itself, and this client needs none of them.
+        self._transport = transport or httpx.AsyncHTTPTransport(verify=_tls_context(), limits=limits)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._retry = retry
         self._margin = timeout_margin_s
@@ -89,7 +94,7 @@ class SandboxClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- endpoints ----------------------------------------------------------------------------------
 
@@ -106,9 +111,9 @@ class SandboxClient:
 
     async def run_code(self, request: RunCodeRequest, *, request_id: str | None = None) -> RunCodeResponse:
         timeout = request.compile_timeout + request.run_timeout + self._margin
-        response = await self._call("POST", "/run_code", request.model_dump(mode="json"), timeout_s=timeout,
+        response = await self._call("POST", "/run_code", request.model_dump_json().encode(), timeout_s=timeout,
                                     request_id=request_id)
-        return RunCodeResponse.model_validate(response.json())
+        return RunCodeResponse.model_validate_json(response.content)
 
     async def run_many(self, requests: Sequence[RunCodeRequest],
                        progress: Callable[[int, int], None] | None = None) -> list[RunCodeResponse]:
@@ -135,9 +140,10 @@ class SandboxClient:
         if self._has_run_tests is not False:
             timeout = request.compile_timeout + request.run_timeout * len(request.test_cases) + self._margin
             try:
-                response = await self._call("POST", "/run_tests", request.model_dump(mode="json"), timeout_s=timeout)
+                response = await self._call("POST", "/run_tests", request.model_dump_json().encode(),
+                                            timeout_s=timeout)
                 self._has_run_tests = True
-                return RunTestsResponse.model_validate(response.json())
+                return RunTestsResponse.model_validate_json(response.content)
             except SandboxClientError as e:
                 if e.status != 404:
                     raise
@@ -178,13 +184,14 @@ class SandboxClient:
 
     # -- transport ----------------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, payload: Any, *, timeout_s: float,
+    async def _call(self, method: str, path: str, body: bytes | None, *, timeout_s: float,
                     policy: RetryPolicy | None = None, request_id: str | None = None) -> httpx.Response:
         """One logical call: attempts on the endpoints until an answer, a refusal that may not be
         retried, or the retry budget is spent. Every attempt carries the same X-Request-Id."""
         policy = policy or self._retry
-        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        headers = [*(_JSON_HEADERS if body is not None else _GET_HEADERS),
+                   (b"x-request-id", (request_id or uuid.uuid4().hex).encode())]
+        timeout = {"connect": min(timeout_s, 10.0), "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         deadline = time.monotonic() + policy.deadline_s
         tried: set[str] = set()  # endpoints refused in this round
         last_error, last_status, last_detail = "no attempt made", None, None
@@ -193,7 +200,7 @@ class SandboxClient:
             tried.add(endpoint.url)
             wait_hint = None
             try:
-                response = await self._attempt(endpoint, method, path, payload, headers, timeout)
+                response = await self._attempt(endpoint, method, path, body, headers, timeout)
             except httpx.HTTPError as e:
                 if not is_safe_error(e):
                     raise SandboxClientError(f"{method} {path} to {endpoint.url}: {type(e).__name__}: {e} "
@@ -218,14 +225,21 @@ class SandboxClient:
         raise SandboxClientError(f"{method} {path} to {urls}: gave up after {attempt + 1} attempts; last: {last_error}",
                                  last_status, last_detail)
 
-    async def _attempt(self, endpoint: Endpoint, method: str, path: str, payload: Any, headers: dict[str, str],
-                       timeout: httpx.Timeout) -> httpx.Response:
+    async def _attempt(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
+                       headers: list[tuple[bytes, bytes]], timeout: dict[str, float]) -> httpx.Response:
+        """One HTTP exchange, the whole response read (a failure while reading it raises httpx's
+        ReadError & co., never retried)."""
         async with self._slots:
             started = time.monotonic()
             endpoint.in_flight += 1
             try:
-                response = await self._http.request(method, endpoint.url + path, json=payload, headers=headers,
-                                                    timeout=timeout)
+                request = httpx.Request(method, endpoint.url + path, content=body, headers=headers,
+                                        extensions={"timeout": timeout})
+                response = await self._transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
             finally:
                 endpoint.in_flight -= 1
         if response.status_code not in SAFE_STATUS:

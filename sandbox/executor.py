@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from sandbox.api import (
     CommandRunResult,
@@ -37,6 +37,7 @@ from sandbox.languages import LANGUAGES, Registry, Runtime, Step
 from sandbox.workspace import Workspace, WorkspaceSetupError
 
 MIN_MEMORY_MB = 32  # below this even an interpreter cannot start
+INLINE_WRITE_BYTES = 64 << 10  # smaller stdin files are written on the event loop
 
 
 def runs_as_slot_uids() -> bool:
@@ -144,10 +145,10 @@ class Executor:
                 if compiled is not None and not compiled.succeeded:
                     return RunCodeResponse(status=overall_status(compiled), message="; ".join(notes),
                                            compile_result=compiled)
-                stdin = await asyncio.to_thread(workspace.stdin_file, request.stdin)
+                stdin = await _stdin_file(workspace, request.stdin)
                 ran = await self._run(program, program.runtime.language.run, program.run_timeout, workspace, slot,
                                       stdin)
-                files, fetch_notes = await asyncio.to_thread(workspace.fetch, program.fetch_files)
+                files, fetch_notes = await _fetch(workspace, program.fetch_files)
                 return RunCodeResponse(status=overall_status(compiled, ran.result),
                                        message="; ".join(notes + ran.notes + fetch_notes), compile_result=compiled,
                                        run_result=ran.result, files=files)
@@ -174,7 +175,7 @@ class Executor:
             if results and request.stop_on_first_failure and not results[-1].passed:
                 results.append(TestCaseResult(passed=False))
                 continue
-            stdin = await asyncio.to_thread(workspace.stdin_file, case.stdin)
+            stdin = await _stdin_file(workspace, case.stdin)
             ran = await self._run(program, program.runtime.language.run, program.run_timeout, workspace, slot, stdin)
             passed = ran.result.succeeded and (
                 case.expected_stdout is None
@@ -185,7 +186,7 @@ class Executor:
             status = RunStatus.SANDBOX_ERROR
         else:
             status = RunStatus.SUCCESS if all(r.passed for r in results) else RunStatus.FAILED
-        files, fetch_notes = await asyncio.to_thread(workspace.fetch, program.fetch_files)
+        files, fetch_notes = await _fetch(workspace, program.fetch_files)
         return RunTestsResponse(status=status, message="; ".join(notes + fetch_notes), compile_result=compiled,
                                 test_results=results, files=files)
 
@@ -231,6 +232,17 @@ class Executor:
             yield workspace
         finally:
             await _to_thread_to_completion(workspace.remove)
+
+
+async def _stdin_file(workspace: Workspace, stdin: str | None) -> str | None:
+    """The stdin file: a small one is written on the event loop (a thread hop costs more)."""
+    if stdin is None or len(stdin) < INLINE_WRITE_BYTES:
+        return workspace.stdin_file(stdin)
+    return await asyncio.to_thread(workspace.stdin_file, stdin)
+
+
+async def _fetch(workspace: Workspace, paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    return await asyncio.to_thread(workspace.fetch, paths) if paths else ({}, [])
 
 
 async def _to_thread_to_completion(function: Callable[[], None]) -> None:

@@ -5,11 +5,12 @@ A root-run service moves itself into a private mount namespace at start (`privat
 the mounts it makes (per-run workspace tmpfs, toolchain exposures) vanish with it, and nothing leaks
 onto the host. It starts its sandboxes as per-slot uids, and bubblewrap resolves bind sources as
 that uid: a rustup toolchain under /root (mode 0700) is out of its reach. The service therefore
-bind-mounts each such toolchain, read-only, onto an empty directory under its state directory. Only
-the toolchain directory is exposed, never the home directory around it.
+bind-mounts each such toolchain, read-only, onto an empty directory (or, for a single file, an empty
+file) under its state directory. Only the toolchain directory is exposed, never the home directory
+around it.
 
 Safety: the exposures are read-only, and `Exposures.close()` unmounts each one and removes its
-mount point with rmdir (never a recursive delete), before anything cleans the state directory.
+mount point with rmdir or unlink (never a recursive delete), before anything cleans the state directory.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ _MS_PRIVATE = 1 << 18
 
 
 def reachable_by_others(path: str) -> bool:
-    """Whether a uid with no relation to the owners can list `path` (search every ancestor)."""
+    """Whether a uid with no relation to the owners can list `path` (a directory) or read it (a file),
+    searching every ancestor."""
     path = os.path.realpath(path)
     mode = os.stat(path).st_mode
-    if not (mode & stat.S_IROTH and mode & stat.S_IXOTH):
+    if not (mode & stat.S_IROTH and (mode & stat.S_IXOTH or not stat.S_ISDIR(mode))):
         return False
     parent = os.path.dirname(path)
     while True:
@@ -68,7 +70,10 @@ class Exposures:
         libc = _libc()
         try:
             for source, target in sources.items():
-                os.makedirs(target, mode=0o711)
+                if os.path.isdir(source):
+                    os.makedirs(target, mode=0o711)
+                else:  # a single file is mounted on an empty file
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
                 self.targets.append(target)
                 _check(libc.mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None),
                        f"bind-mounting {source} on {target}")
@@ -86,7 +91,10 @@ class Exposures:
             target = self.targets[-1]
             if target in mount_points():
                 _check(libc.umount2(target.encode(), 0), f"unmounting {target}")
-            os.rmdir(target)  # fails (EBUSY) rather than removing anything if still mounted
+            if os.path.isdir(target):
+                os.rmdir(target)  # fails (EBUSY) rather than removing anything if still mounted
+            else:
+                os.unlink(target)  # an unmounted empty file (unlink of a mount point fails with EBUSY)
             self.targets.pop()
 
 

@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 from sandbox.api import CommandRunResult, CommandRunStatus
@@ -246,6 +247,64 @@ class _StatusChannel:
         os.close(self.read_fd)
 
 
+class Child:
+    """A child process started by `subprocess.Popen` and awaited through a pidfd, on any event loop.
+
+    Popen spawns with vfork (the service's page tables are not copied; uvloop's own spawn forks), and
+    the pidfd turns readable when the child exits, so no watcher thread or SIGCHLD handler is needed.
+    stdout and stderr are pipes read as asyncio streams."""
+
+    def __init__(self, popen: subprocess.Popen, exited: asyncio.Future, stdout: asyncio.StreamReader,
+                 stderr: asyncio.StreamReader):
+        self._popen = popen
+        self._exited = exited
+        self.pid = popen.pid
+        self.stdout = stdout
+        self.stderr = stderr
+
+    @classmethod
+    async def start(cls, command: list[str], *, stdin: object, pass_fds: tuple[int, ...]) -> Child:
+        loop = asyncio.get_running_loop()
+        popen = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 pass_fds=pass_fds, start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        try:
+            return await cls._watch(loop, popen)
+        except BaseException:  # never leave a child nobody waits for
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            await asyncio.to_thread(popen.wait)
+            raise
+
+    @classmethod
+    async def _watch(cls, loop: asyncio.AbstractEventLoop, popen: subprocess.Popen) -> Child:
+        exited: asyncio.Future = loop.create_future()
+        pidfd = os.pidfd_open(popen.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            popen.wait()  # a zombie by now: reaps at once
+            if not exited.done():
+                exited.set_result(popen.returncode)
+
+        loop.add_reader(pidfd, on_exit)
+        streams = []
+        for pipe in (popen.stdout, popen.stderr):
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            await loop.connect_read_pipe(lambda protocol=protocol: protocol, pipe)
+            streams.append(reader)
+        return cls(popen, exited, *streams)
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped: negative for a signal, as asyncio's processes report it."""
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)  # cancelling a wait leaves the exit watch in place
+
+
 def _parent_pid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -254,7 +313,7 @@ def _parent_pid(pid: int) -> int | None:
         return None
 
 
-def _kill_sandbox(proc: asyncio.subprocess.Process, status: _StatusChannel) -> None:
+def _kill_sandbox(proc: Child, status: _StatusChannel) -> None:
     """Kill the sandbox's pid 1: the kernel then kills everything in its pid namespace, and bwrap,
     its parent, reaps it and exits. Killing bwrap first would orphan pid 1 to the host's init, which
     need not reap it promptly. Before the sandbox exists, kill bwrap's process group instead."""
@@ -276,12 +335,12 @@ def adopt_orphans() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-async def _reap(proc: asyncio.subprocess.Process, sandbox_pid: int | None) -> None:
+async def _reap(proc: Child, sandbox_pid: int | None) -> None:
     """Wait for bwrap, then for the sandbox's pid 1, whose exit completes only once every process in
     its pid namespace is gone."""
     try:
         await asyncio.wait_for(proc.wait(), _KILL_GRACE_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
@@ -352,7 +411,7 @@ async def _execute(host: SandboxHost, argv: list[str], toolchain: Toolchain, wor
         timed_out = False
         try:
             await asyncio.wait_for(proc.wait(), limits.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             _kill_sandbox(proc, status)
         except BaseException:  # cancelled (service shutting down): the sandbox must not outlive the call
@@ -374,7 +433,7 @@ async def _execute(host: SandboxHost, argv: list[str], toolchain: Toolchain, wor
 
 async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, workspace: str, limits: Limits,
                  stdin_path: str | None, groups: RunGroups | None, uid: int | None,
-                 status: _StatusChannel) -> tuple[asyncio.subprocess.Process, float]:
+                 status: _StatusChannel) -> tuple[Child, float]:
     """Start the launcher/bwrap chain (inside the run's cgroups, if any); returns the process and its
     start time."""
     fds = {"status": status.write_fd}
@@ -396,10 +455,8 @@ async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, works
     try:
         with open(stdin_path or os.devnull, "rb") as stdin_file:
             started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *command, stdin=stdin_file if groups is None else gate_read, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=tuple(fds.values()), start_new_session=True,
-                env={"PATH": "/usr/bin:/bin"}, cwd="/")
+            proc = await Child.start(command, stdin=stdin_file if groups is None else gate_read,
+                                     pass_fds=tuple(fds.values()))
     except BaseException:
         if gate_write >= 0:
             os.close(gate_write)

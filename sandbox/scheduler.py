@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 
 class Overloaded(Exception):

@@ -175,6 +175,10 @@ class Workspace:
 
     def remove(self) -> None:
         """Unmount (when a tmpfs) and delete everything; safe to call on a half-made workspace."""
-        if self.on_tmpfs and self.path in mount_points():
-            _unmount(self.path)
-        remove_tree(self.root, refuse_mounts=True)
+        mounted = {point for point in mount_points() if point.startswith(self.root + "/")}  # read once
+        if self.on_tmpfs and self.path in mounted:
+            _unmount(self.path)  # lazily: nothing can be mounted below it (the sandbox has its own namespace)
+            mounted.discard(self.path)
+        if mounted:
+            raise RuntimeError(f"not removing {self.root}: {sorted(mounted)} still mounted inside")
+        remove_tree(self.root)

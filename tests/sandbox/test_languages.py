@@ -16,13 +16,17 @@ ECHO = {
     "rust": "use std::io::Read;\nfn main() { let mut s = String::new(); std::io::stdin().read_to_string(&mut s).unwrap();"
             " println!(\"hello {}\", s.trim()); }\n",
     "bash": "read name\necho \"hello $name\"\n",
+    "c": "#include <stdio.h>\nint main(void) { char s[64]; scanf(\"%63s\", s); printf(\"hello %s\\n\", s); return 0; }\n",
+    "perl": "my $name = <STDIN>;\nchomp $name;\nprint \"hello $name\\n\";\n",
 }
-BROKEN = {"cpp": "int main( {", "java": "public class Main { void }", "go": "package main\nfunc main( {", "rust": "fn main( {"}
+BROKEN = {"cpp": "int main( {", "java": "public class Main { void }", "go": "package main\nfunc main( {", "rust": "fn main( {",
+          "c": "int main(void) { return }"}
 CRASH = {
     "python": "raise SystemExit(7)", "cpp": "int main() { return 7; }",
     "java": "public class Main { public static void main(String[] a) { System.exit(7); } }",
     "nodejs": "process.exit(7)", "go": "package main\nimport \"os\"\nfunc main() { os.Exit(7) }",
-    "rust": "fn main() { std::process::exit(7); }", "bash": "exit 7",
+    "rust": "fn main() { std::process::exit(7); }", "bash": "exit 7", "c": "int main(void) { return 7; }",
+    "perl": "exit 7;",
 }
 
 
@@ -116,3 +120,69 @@ def test_batch_with_compile_error_runs_no_case(run, languages):
 ])
 def test_java_main_class(code, expected):
     assert java_main_class(code) == expected
+
+
+SANDBOX_FUSION_LANGUAGES = (  # SandboxFusion's `language` values (sandbox/runners/types.py)
+    "python", "cpp", "nodejs", "go", "go_test", "java", "php", "csharp", "bash", "typescript", "sql", "rust", "cuda",
+    "lua", "R", "perl", "D_ut", "ruby", "scala", "julia", "pytest", "junit", "kotlin_script", "jest", "verilog",
+    "python_gpu", "lean", "swift", "racket")
+
+
+def test_health_lists_every_sandbox_fusion_language_with_version_or_reason(languages):
+    assert set(SANDBOX_FUSION_LANGUAGES) <= set(languages)
+    for name, entry in languages.items():
+        if entry["available"]:
+            assert entry["version"], name
+        else:
+            assert entry["reason"], name
+    assert languages["python"]["available"] and languages["python"]["version"].startswith("Python 3")
+
+
+PYTEST_PASSING = "def add(a, b):\n    return a + b\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+PYTEST_FAILING = "def test_add():\n    assert 2 + 2 == 5\n\ndef test_ok():\n    pass\n"
+
+
+def test_pytest_runs_the_tests_and_reports_failures(run, languages):
+    require(languages, "pytest")
+    passed = run(lambda client: client.run_code(RunCodeRequest(code=PYTEST_PASSING, language="pytest")))
+    assert passed.status == RunStatus.SUCCESS, passed
+    assert "1 passed" in passed.run_result.stdout and passed.compile_result is None
+    failed = run(lambda client: client.run_code(RunCodeRequest(code=PYTEST_FAILING, language="pytest")))
+    assert failed.status == RunStatus.FAILED and failed.run_result.return_code == 1
+    assert "1 failed, 1 passed" in failed.run_result.stdout and "assert (2 + 2) == 5" in failed.run_result.stdout
+    broken = run(lambda client: client.run_code(RunCodeRequest(code="def test_x(:\n    pass\n", language="pytest")))
+    assert broken.status == RunStatus.FAILED and broken.run_result.return_code == 2  # collection error
+    assert "SyntaxError" in broken.run_result.stdout
+
+
+JUNIT_TEST = """import static org.junit.jupiter.api.Assertions.assertEquals;
+import org.junit.jupiter.api.Test;
+
+public class CalculatorTest {
+    static int add(int a, int b) { return a + b; }
+
+    @Test
+    void addsSmallNumbers() { assertEquals(5, add(2, 3)); }
+
+    @Test
+    void addsNegativeNumbers() { assertEquals(EXPECTED, add(-2, -3)); }
+}
+"""
+
+
+def test_junit_runs_the_tests_and_reports_failures(run, languages):
+    require(languages, "junit")
+
+    def junit(code):
+        return run(lambda client: client.run_code(RunCodeRequest(code=code, language="junit", compile_timeout=60,
+                                                                 run_timeout=30)))
+
+    passed = junit(JUNIT_TEST.replace("EXPECTED", "-5"))
+    assert passed.status == RunStatus.SUCCESS, passed
+    assert passed.compile_result.succeeded and "2 tests successful" in passed.run_result.stdout
+    failed = junit(JUNIT_TEST.replace("EXPECTED", "-6"))
+    assert failed.status == RunStatus.FAILED and failed.run_result.return_code == 1
+    assert "1 tests failed" in failed.run_result.stdout and "expected: <-6> but was: <-5>" in failed.run_result.stdout
+    broken = junit(JUNIT_TEST.replace("EXPECTED", "undefinedName"))
+    assert broken.status == RunStatus.FAILED and broken.run_result is None
+    assert broken.compile_result.return_code != 0 and "cannot find symbol" in broken.compile_result.stderr

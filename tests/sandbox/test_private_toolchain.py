@@ -17,6 +17,7 @@ from sandbox.local import LocalSandbox
 
 FAKE_RUSTC = """#!/bin/sh
 if [ "$1" = --print ]; then cd "$(dirname "$0")/.." && pwd; exit 0; fi
+if [ "$1" = --version ]; then echo "rustc 0.0.0-private"; exit 0; fi
 while [ "$#" -gt 0 ]; do
   if [ "$1" = -o ]; then out=$2; fi
   shift
@@ -58,6 +59,7 @@ def test_private_toolchain_is_exposed_read_only_and_survives_shutdown(tmp_path):
 
         health, response = asyncio.run(compile_and_run())
         assert health["languages"]["rust"]["tools"]["rustc"] == "/opt/toolchains/rust/bin/rustc"
+        assert health["languages"]["rust"]["version"] == "rustc 0.0.0-private"
         assert response.status == RunStatus.SUCCESS, response
         assert response.run_result.stdout == "compiled by the private toolchain\n"
         work_root = health["isolation"]["work_root"]
