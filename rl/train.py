@@ -23,12 +23,10 @@ with logp = log softmax(logits / temperature) at the sampled tokens, as the samp
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,11 +41,7 @@ from configs import cli as config_cli
 from configs.schema import ConfigError, section
 from data.tokenizers import load_tokenizer
 from evals.problems import Problem, load_problems
-from models.config import ModelConfig
 from models.pretrained import (
-    CHECKPOINTS,
-    extend_model,
-    load_pretrained,
     pretrained_model_config,
     pretrained_tokenizer_path,
 )
@@ -55,17 +49,22 @@ from models.sampler import Sampler
 from rl import algorithms as alg
 from rl.rewards import RewardWorker
 from rl.rollouts import RolloutSettings, RolloutSource
-from sandbox.local import LocalSandbox
 from train import distributed
 from train.config import RunConfig, load_run_config
 from train.evaluation import PassAtK
+from train.finetune import (
+    SYNTHETIC,
+    execution_service,
+    has_checkpoints,
+    heldout_problems,
+    load_starting_model,
+    trainable_filter,
+)
 from train.metrics import print_progress, read_metrics
-from train.sft import trainable_filter
 from train.step import Batch, LossOutput, model_aux_loss
 from train.trainer import StepInfo, Trainer, TrainTask
 
 _CONFIG = config_cli.define_config("configs/rl/quickstart.py")
-SYNTHETIC = "synthetic"
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -250,17 +249,6 @@ class RLTrainer(Trainer):
                            f"rollout {values['rollout_s']:.1f}s reward-wait {values['reward_wait_s']:.1f}s")
 
 
-def load_starting_model(run: RLConfig, mesh: Any) -> nnx.Module:
-    """`rl.init_from`'s weights with the config's overrides (as train.sft), plus fresh adapters with LoRA."""
-    lora = getattr(run.model, "lora", None)
-    base_cfg = run.model.replace(lora=None) if lora is not None else run.model
-    saved = pretrained_model_config(run.rl.init_from)
-    overrides = {f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(ModelConfig)
-                 if f.name not in ("name", "lora") and getattr(base_cfg, f.name) != getattr(saved, f.name)}
-    model, _ = load_pretrained(run.rl.init_from, mesh=mesh, rules=run.mesh.rule_set, **overrides)
-    return extend_model(model, run.model, seed=run.train.seed) if lora is not None else model
-
-
 def make_sampler_factory(run: RLConfig, tokenizer: Any, mesh: Any) -> Any:
     max_len = min(run.data.seq_len, run.model.max_seq_len)
 
@@ -283,31 +271,12 @@ def train_problems(rl: RLSection, sampler_encode: Any) -> list[Problem]:
     return kept
 
 
-def eval_problems(e: RLEvalConfig) -> list[Problem]:
-    if e.problems == SYNTHETIC:
-        from evals.synthetic import heldout_problems  # noqa: PLC0415
-
-        problems = heldout_problems()
-    else:
-        problems = load_problems(e.problems)
-    return problems[: e.limit] if e.limit else problems
-
-
-@contextlib.contextmanager
-def execution_service(rl: RLSection) -> Iterator[list[str]]:
-    if rl.sandbox != "local":
-        yield [u.strip() for u in rl.sandbox.split(",") if u.strip()]
-        return
-    with LocalSandbox(workers=rl.sandbox_workers) as service:
-        yield [service.url]
-
-
 def train_rl(run: RLConfig, urls: list[str] | None = None) -> dict[str, Any] | None:
     """Trains (or resumes, or finds finished) the RL run; returns its summary on process 0. `urls`
     overrides rl.sandbox (tests pass a service they control)."""
     with contextlib.ExitStack() as stack:
         if urls is None:
-            urls = stack.enter_context(execution_service(run.rl))
+            urls = stack.enter_context(execution_service(run.rl.sandbox, workers=run.rl.sandbox_workers))
         return _train(run, list(urls))
 
 
@@ -319,23 +288,25 @@ def _train(run: RLConfig, urls: list[str]) -> dict[str, Any] | None:
     stop = tuple(sorted({s for p in problems for s in p.stop}))
     mesh = run.mesh.make()
     output_dir = Path(run.train.output_dir)
-    resuming = run.checkpoint.resume and any(p.name.isdigit() for p in (output_dir / CHECKPOINTS).glob("*"))
+    resuming = run.checkpoint.resume and has_checkpoints(output_dir)
+    starting_model = functools.partial(load_starting_model, rl.init_from, run.model, mesh, run.mesh.rule_set,
+                                       seed=run.train.seed)
     rewards = RewardWorker(urls, mode=rl.reward, error_reward=rl.error_reward, run_timeout=rl.run_timeout,
                            retry_deadline_s=rl.retry_deadline_s)
     try:
         source = RolloutSource(problems, make_sampler_factory(run, tokenizer, mesh), rewards, settings_of(rl, stop),
                                seq_len=run.data.seq_len, seed=run.train.seed)
         if rl.kl_coef > 0:
-            reference = load_starting_model(run, mesh)  # frozen: the starting weights
+            reference = starting_model()  # frozen: the starting weights
             source.ref_policy = lambda: reference
         task = TrainTask(model_config=run.model, train_data=source, loss_fn=functools.partial(policy_loss, rl=rl),
-                         pretrained=None if resuming else load_starting_model(run, mesh),
+                         pretrained=None if resuming else starting_model(),
                          trainable=trainable_filter(run.model), count_data_time=False)
         trainer = RLTrainer(run, task, source, mesh=mesh)
         pass_at_k = None
         if rl.eval.problems:
             e = rl.eval
-            pass_at_k = PassAtK(eval_problems(e), tokenizer, urls, num_samples=e.num_samples,
+            pass_at_k = PassAtK(heldout_problems(e.problems, e.limit), tokenizer, urls, num_samples=e.num_samples,
                                 ks=tuple(k for k in (1, 10) if k <= e.num_samples), temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, max_len=run.model.max_seq_len)
             trainer.add_hook(pass_at_k, every=e.every or run.train.steps, at_start=True)

@@ -23,19 +23,16 @@ state); `models.lora.merge_lora` folds them into the base for export.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import jax
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 from pydantic import Field
 
@@ -43,19 +40,11 @@ from configs import cli as config_cli
 from configs.schema import ConfigError, section
 from data.sft import SFTDataConfig, build_sft_iterator
 from data.tokenizers import load_tokenizer
-from evals.problems import Problem, load_problems
-from models.config import ModelConfig
-from models.pretrained import (
-    CHECKPOINTS,
-    extend_model,
-    load_pretrained,
-    pretrained_model_config,
-    pretrained_tokenizer_path,
-)
-from sandbox.local import LocalSandbox
+from models.pretrained import pretrained_model_config, pretrained_tokenizer_path
 from train import distributed
 from train.config import RunConfig, load_run_config
 from train.evaluation import PassAtK
+from train.finetune import execution_service, has_checkpoints, heldout_problems, load_starting_model, trainable_filter
 from train.metrics import plot_loss_curve, read_metrics
 from train.step import next_token_loss
 from train.trainer import Trainer, TrainResult, TrainTask
@@ -63,7 +52,6 @@ from train.trainer import Trainer, TrainResult, TrainTask
 _CONFIG = config_cli.define_config("configs/sft/quickstart.py")
 
 EMBEDDED_SFT_DIR = "artifacts/sft"
-SYNTHETIC = "synthetic"
 
 
 @section
@@ -137,42 +125,7 @@ def prepare_embedded_data(run: SFTConfig) -> None:
         write_embedded_sft_problems(EMBEDDED_SFT_DIR)
 
 
-def eval_problems(eval_cfg: SFTEvalConfig) -> list[Problem]:
-    if eval_cfg.problems == SYNTHETIC:
-        from evals.synthetic import heldout_problems  # noqa: PLC0415
-
-        problems = heldout_problems()
-    else:
-        problems = load_problems(eval_cfg.problems)
-    return problems[: eval_cfg.limit] if eval_cfg.limit else problems
-
-
-@contextlib.contextmanager
-def execution_service(spec: str) -> Iterator[list[str]]:
-    """The service URLs of `sft.eval.sandbox`, starting a private service for "local"."""
-    if spec != "local":
-        yield [url.strip() for url in spec.split(",") if url.strip()]
-        return
-    with LocalSandbox(workers=2) as service:
-        yield [service.url]
-
-
 # ---- model ---------------------------------------------------------------------------------------------
-
-
-def load_starting_model(run: SFTConfig, mesh: Any) -> nnx.Module:
-    """`sft.init_from`'s weights, with the config's overrides, plus fresh adapters when LoRA is on."""
-    lora = getattr(run.model, "lora", None)
-    base_cfg = run.model.replace(lora=None) if lora is not None else run.model
-    saved = pretrained_model_config(run.sft.init_from)
-    overrides = {f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(ModelConfig)
-                 if f.name not in ("name", "lora") and getattr(base_cfg, f.name) != getattr(saved, f.name)}
-    model, _ = load_pretrained(run.sft.init_from, mesh=mesh, rules=run.mesh.rule_set, **overrides)
-    return extend_model(model, run.model, seed=run.train.seed) if lora is not None else model
-
-
-def trainable_filter(model_cfg: ModelConfig) -> Any:
-    return nnx.LoRAParam if getattr(model_cfg, "lora", None) is not None else nnx.Param
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -186,7 +139,7 @@ def finetune(run: SFTConfig) -> dict[str, Any] | None:
     run = with_schedule(run, train_data.stats.rows_per_epoch)
     mesh = run.mesh.make()
     output_dir = Path(run.train.output_dir)
-    resuming = run.checkpoint.resume and any(p.name.isdigit() for p in (output_dir / CHECKPOINTS).glob("*"))
+    resuming = run.checkpoint.resume and has_checkpoints(output_dir)
     post_update = None
     if run.model.moe is not None and run.model.moe.bias_update_rate > 0:
         from models.moe import apply_bias_updates  # noqa: PLC0415
@@ -203,7 +156,9 @@ def finetune(run: SFTConfig) -> dict[str, Any] | None:
         loss_fn=functools.partial(next_token_loss, z_loss=run.train.z_loss),
         eval_data=eval_data,
         post_update=post_update,
-        pretrained=None if resuming else load_starting_model(run, mesh),  # a resume restores its checkpoint
+        # A resume restores its checkpoint instead of loading the starting weights.
+        pretrained=None if resuming else load_starting_model(run.sft.init_from, run.model, mesh, run.mesh.rule_set,
+                                                             seed=run.train.seed),
         trainable=trainable_filter(run.model),
     )
     trainer = Trainer(run, task, mesh=mesh)
@@ -212,7 +167,7 @@ def finetune(run: SFTConfig) -> dict[str, Any] | None:
     with execution_service(run.sft.eval.sandbox if run.sft.eval.problems else "") as urls:
         if urls:
             e = run.sft.eval
-            pass_at_k = PassAtK(eval_problems(e), tokenizer, urls, num_samples=e.num_samples,
+            pass_at_k = PassAtK(heldout_problems(e.problems, e.limit), tokenizer, urls, num_samples=e.num_samples,
                                 ks=tuple(k for k in (1, 10) if k <= e.num_samples), temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, max_len=run.sampler.max_len)
             trainer.add_hook(pass_at_k, every=run.train.eval_every or run.train.steps, at_start=True)
