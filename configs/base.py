@@ -31,6 +31,8 @@ MOE_FIELDS = {
     "grouped_matmul": str, "capacity_factor": float, "aux_loss_coef": float, "router_z_loss_coef": float,
     "bias_update_rate": float,
 }
+# LoRA (models/lora.py): off unless a field is set; targets is a comma-separated list of path regexes.
+LORA_FIELDS = {"rank": int, "alpha": float, "dropout": float, "targets": str, "init": str}
 
 
 def _placeholders(fields: dict) -> ConfigDict:
@@ -44,6 +46,7 @@ def model_section(preset: str) -> ConfigDict:
     section.preset = preset
     section.rope_scaling = _placeholders(ROPE_SCALING_FIELDS)
     section.moe = _placeholders(MOE_FIELDS)
+    section.lora = _placeholders(LORA_FIELDS)
     return section
 
 

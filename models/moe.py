@@ -212,36 +212,87 @@ def routing_aux(routing: Routing, kept: jax.Array | None, moe: MoEConfig) -> Aux
 # ---- expert MLPs -----------------------------------------------------------------------------------
 
 
+class ProjectionLoRA(NamedTuple):
+    """LoRA factors of one expert projection (models/lora.py) in compute dtype: a [G, in, r],
+    b [G, r, out] with the alpha / r scale folded in; dropout_key and dropout_rate [] when training
+    with dropout, else None."""
+
+    a: jax.Array
+    b: jax.Array
+    dropout_key: jax.Array | None = None
+    dropout_rate: jax.Array | None = None
+
+
+class ExpertLoRA(NamedTuple):
+    """Adapters of the expert projections; None where a projection has none."""
+
+    gate: ProjectionLoRA | None
+    up: ProjectionLoRA | None
+    down: ProjectionLoRA | None
+
+
 class ExpertWeights(NamedTuple):
-    """Stacked expert weights in compute dtype: gate/up [G, D, F] (gate None for GELU), down [G, F, D]."""
+    """Stacked expert weights in compute dtype: gate/up [G, D, F] (gate None for GELU), down [G, F, D];
+    lora: their LoRA adapters (None without)."""
 
     gate: jax.Array | None
     up: jax.Array
     down: jax.Array
+    lora: ExpertLoRA | None = None
 
 
 def _hidden(gate: jax.Array | None, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up if gate is not None else jax.nn.gelu(up, approximate=True)
 
 
+def _adapter(w: ExpertWeights, name: str) -> ProjectionLoRA | None:
+    return None if w.lora is None else getattr(w.lora, name)
+
+
+def _adapter_input(x: jax.Array, p: ProjectionLoRA) -> jax.Array:
+    """Inverted dropout on the adapter's input when training with dropout."""
+    if p.dropout_key is None:
+        return x
+    keep = jax.random.bernoulli(p.dropout_key, 1.0 - p.dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - p.dropout_rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
 def grouped_expert_mlp(rows: jax.Array, group_sizes: jax.Array, w: ExpertWeights, matmul: GroupedMatmul) -> jax.Array:
-    """rows [M, D] sorted by expert, group_sizes [G] -> [M, D]: each row through its expert's MLP."""
-    gate = None if w.gate is None else matmul(rows, w.gate, group_sizes)
-    return matmul(_hidden(gate, matmul(rows, w.up, group_sizes)), w.down, group_sizes)
+    """rows [M, D] sorted by expert, group_sizes [G] -> [M, D]: each row through its expert's MLP
+    (plus dropout(x) A B per expert for adapted projections, through the same kernel)."""
+
+    def project(x: jax.Array, name: str) -> jax.Array:
+        y = matmul(x, getattr(w, name), group_sizes)
+        p = _adapter(w, name)
+        if p is not None:
+            y = y + matmul(matmul(_adapter_input(x, p), p.a, group_sizes), p.b, group_sizes)
+        return y
+
+    gate = None if w.gate is None else project(rows, "gate")
+    return project(_hidden(gate, project(rows, "up")), "down")
 
 
 def batched_expert_mlp(slots: jax.Array, w: ExpertWeights) -> jax.Array:
-    """slots [G, C, D] -> [G, C, D]: the C slots of expert g through expert g's MLP."""
+    """slots [G, C, D] -> [G, C, D]: the C slots of expert g through expert g's MLP (and adapters)."""
 
-    def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return jnp.einsum("gcd,gdf->gcf", x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
-    gate = None if w.gate is None else project(slots, w.gate)
-    return project(_hidden(gate, project(slots, w.up)), w.down)
+    def project(x: jax.Array, name: str) -> jax.Array:
+        y = matmul(x, getattr(w, name))
+        p = _adapter(w, name)
+        if p is not None:
+            y = y + matmul(matmul(_adapter_input(x, p), p.a), p.b)
+        return y
+
+    gate = None if w.gate is None else project(slots, "gate")
+    return project(_hidden(gate, project(slots, "up")), "down")
 
 
 class Experts(nnx.Module):
     """E bias-free MLPs (SwiGLU or GELU, as cfg.mlp) with weights stacked on a leading "experts" axis."""
+
+    LORA_WEIGHTS = {"gate": (1, 1), "up": (1, 1), "down": (1, 1)}  # models/lora.py: per-expert adapters
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         assert cfg.moe is not None
@@ -256,7 +307,22 @@ class Experts(nnx.Module):
 
     def weights(self, dtype: jnp.dtype) -> ExpertWeights:
         gate = None if self.gate is None else self.gate[...].astype(dtype)
-        return ExpertWeights(gate, self.up[...].astype(dtype), self.down[...].astype(dtype))
+        return ExpertWeights(gate, self.up[...].astype(dtype), self.down[...].astype(dtype), self._lora(dtype))
+
+    def _lora(self, dtype: jnp.dtype) -> ExpertLoRA | None:
+        def projection(name: str) -> ProjectionLoRA | None:
+            adapter = getattr(self, f"{name}_lora", None)
+            if adapter is None:
+                return None
+            a = adapter.a[...].astype(dtype)
+            b = (adapter.b[...] * adapter.scale).astype(dtype)
+            key = adapter.dropout_key()
+            if key is None:
+                return ProjectionLoRA(a, b)
+            return ProjectionLoRA(a, b, key, jnp.asarray(adapter.dropout.rate, jnp.float32))
+
+        lora = ExpertLoRA(projection("gate"), projection("up"), projection("down"))
+        return None if all(p is None for p in lora) else lora
 
 
 # ---- dispatch and combine on one device --------------------------------------------------------------
@@ -448,8 +514,26 @@ def _placement(mesh: Mesh, rules: sharding.Rules, x_shape: Sequence[int], w: Exp
         )
     if token_axes & set(tensor_axes):
         raise ValueError(f"'expert_mlp' and the token axes share mesh axes {sorted(token_axes & set(tensor_axes))}")
-    weight_specs = ExpertWeights(None if w.gate is None else w_in, w_in, w_out)
+    weight_specs = ExpertWeights(None if w.gate is None else w_in, w_in, w_out, _lora_specs(mesh, rules, w))
     return _Placement(tokens, P(tokens[0], tokens[1], None), weight_specs, expert_axes, shards, tensor_axes)
+
+
+def _lora_specs(mesh: Mesh, rules: sharding.Rules, w: ExpertWeights) -> ExpertLoRA | None:
+    """PartitionSpecs of the expert adapters inside shard_map: split over experts like their weights,
+    A of down and B of gate/up over "expert_mlp" (F) like theirs, the rank and D dims whole."""
+    if w.lora is None:
+        return None
+
+    def spec(p: ProjectionLoRA | None, a_axes: tuple, b_axes: tuple) -> ProjectionLoRA | None:
+        if p is None:
+            return None
+        key = None if p.dropout_key is None else P()
+        return ProjectionLoRA(sharding.logical_to_mesh_spec(a_axes, rules, mesh, p.a.shape),
+                              sharding.logical_to_mesh_spec(b_axes, rules, mesh, p.b.shape), key, key)
+
+    into_f = (("experts", None, None), ("experts", None, "expert_mlp"))
+    out_of_f = (("experts", "expert_mlp", None), ("experts", None, None))
+    return ExpertLoRA(spec(w.lora.gate, *into_f), spec(w.lora.up, *into_f), spec(w.lora.down, *out_of_f))
 
 
 def experts_on_device(

@@ -30,6 +30,7 @@ from models.hf.family import LAYER_PREFIX, Family, HFConfig, TensorMap
 from models.hf.layouts import Layout
 from models.hf.registry import get_family, infer_family
 from models.hf.safetensors_io import CheckpointFormatError, SafetensorsReader, write_sharded
+from models.lora import adapters, apply_lora
 from models.sharding import Rules, state_shardings
 
 CONFIG_FILE = "config.json"
@@ -171,9 +172,13 @@ def load_hf_checkpoint(
     `configs.sharding_rules.DEFAULT_RULES`) give it; without, on the default device. `overrides` are
     ModelConfig fields (see `read_hf_config`). Checkpoint tensors that map to no parameter are an
     error (they mean the config and weights disagree). Variables that are not parameters (the MoE
-    router's selection bias) take their initial value, zero.
+    router's selection bias) take their initial value, zero. With a `lora` override, the base weights
+    are loaded and fresh adapters (B = 0, A from seed 0) added on top (`models.lora.apply_lora`).
     """
     cfg, family = read_hf_config(directory, **overrides)
+    if cfg.lora is not None:
+        base = load_hf_checkpoint(directory, mesh=mesh, rules=rules, **{**overrides, "lora": None})
+        return apply_lora(base, cfg.lora, nnx.Rngs(0))
     rules = tuple(rules or DEFAULT_RULES)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -238,7 +243,10 @@ def save_hf_checkpoint(
       names the field no family can express). dtype: tensor dtype on disk (default the parameters').
     extra_config: more config.json fields, e.g. bos_token_id / eos_token_id.
     On several hosts every process must call this (parameters are gathered); process 0 writes.
+    A model with LoRA adapters is refused: `models.lora.merge_lora` folds them into the weights first.
     """
+    if adapters(model):
+        raise ValueError("save_hf_checkpoint: the model has LoRA adapters; export merge_lora(model) instead")
     cfg = model.cfg
     fam = get_family(family) if family else infer_family(cfg)
     dtype = dtype or cfg.param_dtype

@@ -70,7 +70,7 @@ def test_kernels_available_on_the_platform_pass():
 
 
 def test_base_config_lists_every_model_field():
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "rope_scaling", "moe"}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "rope_scaling", "moe", "lora"}
     assert set(base.MODEL_FIELDS) == fields
 
 
