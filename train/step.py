@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.lora import reseed_dropout
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -77,6 +78,7 @@ def make_train_step(
     *,
     post_update: PostUpdateFn | None = None,
     trainable: Any = nnx.Param,
+    dropout_seed: int | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `step(state, batch) -> (state, metrics)`, to be jitted with the state donated.
 
@@ -86,13 +88,21 @@ def make_train_step(
     optimizer state unchanged and is recorded in the state (the loop stops or continues).
     `post_update(model, metrics)` may update non-parameter variables from the step's averaged
     metrics (MoE router biases from the per-layer expert loads). `trainable` is the filter that split
-    the state into params and rest (`train.state.split_model`).
+    the state into params and rest (`train.state.split_model`). With `dropout_seed`, the model runs
+    in training mode and its dropout streams (LoRA adapters) are reseeded from (seed, step, micro-batch),
+    so masks differ from step to step and a resumed run draws the same ones.
     """
 
-    def micro_step(params: nnx.State, rest: nnx.State, micro: Batch) -> tuple[jax.Array, jax.Array, dict, nnx.State]:
+    def micro_step(
+        params: nnx.State, rest: nnx.State, micro: Batch, key: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, dict, nnx.State]:
         def objective(params: nnx.State) -> tuple[jax.Array, LossOutput]:
             # copy: `rest` (e.g. MoE router biases) comes from outside this grad trace.
-            out = loss_fn(nnx.merge(graphdef, params, rest, copy=True), micro)
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            if key is not None:
+                model.train()
+                reseed_dropout(model, key)
+            out = loss_fn(model, micro)
             return out.total, out
 
         (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -101,15 +111,21 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         n_micro = jax.tree.leaves(batch)[0].shape[0]
+        step_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
-        def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-            total, weight, metrics, grads = micro_step(state.params, state.rest, micro)
+        def micro_key(index: jax.Array | int) -> jax.Array | None:
+            return None if step_key is None else jax.random.fold_in(step_key, index)
+
+        def accumulate(carry: tuple, indexed: tuple[jax.Array, Batch]) -> tuple[tuple, None]:
+            index, micro = indexed
+            total, weight, metrics, grads = micro_step(state.params, state.rest, micro, micro_key(index))
             return jax.tree.map(jnp.add, carry, (total, weight, metrics, grads)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        carry = micro_step(state.params, state.rest, first)
+        carry = micro_step(state.params, state.rest, first, micro_key(0))
         if n_micro > 1:
-            carry, _ = jax.lax.scan(accumulate, carry, jax.tree.map(lambda x: x[1:], batch))
+            rest_of_batch = jax.tree.map(lambda x: x[1:], batch)
+            carry, _ = jax.lax.scan(accumulate, carry, (jnp.arange(1, n_micro), rest_of_batch))
         total, weight, metrics, grads = carry
         denom = jnp.maximum(weight, 1.0)
         loss = total / denom

@@ -162,7 +162,8 @@ class Trainer:
         self.eval_sharding = NamedSharding(self.mesh, batch_spec)
         with sharding_context(self.mesh, self.rules):
             self.train_step = jax.jit(
-                make_train_step(self.graphdef, tx, task.loss_fn, post_update=task.post_update, trainable=task.trainable),
+                make_train_step(self.graphdef, tx, task.loss_fn, post_update=task.post_update, trainable=task.trainable,
+                                dropout_seed=run.train.seed if _has_dropout(task.model_config) else None),
                 in_shardings=(self.state_shardings, self.batch_sharding),
                 out_shardings=(self.state_shardings, None),
                 donate_argnums=0,
@@ -357,3 +358,8 @@ class Trainer:
             self.preempted = True
             print_progress(f"preempted: checkpoint saved at step {info.step}")
             self.request_stop()
+
+
+def _has_dropout(model_cfg: ModelConfig) -> bool:
+    """Whether the model has dropout to run in training mode (LoRA adapter dropout)."""
+    return model_cfg.lora is not None and model_cfg.lora.dropout > 0
