@@ -251,11 +251,13 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0],  # other processes on the machine slow both sides
         "model": {"family": args.family, **shape, "dtype": "float32"},
     }
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as directory:
             report[name] = {"decode": decode_workload, "rl": rl_workload}[name](args, shape, directory)
+    report["load_average_at_end"] = os.getloadavg()[0]
     print(json.dumps(report, indent=2))
 
 
