@@ -36,6 +36,12 @@ RUN_TOKENIZERS = ("tokenizer.model", TOKENIZER_FILE)
 HF_TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE)
 
 
+def trainable_variables(model_cfg: ModelConfig) -> Any:
+    """The nnx filter of what a run trains (and checkpoints as `params`): the LoRA adapters when the
+    model has them, else every parameter. Everything else is checkpointed as `rest`."""
+    return nnx.LoRAParam if model_cfg.lora is not None else nnx.Param
+
+
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / RUN_CONFIG).is_file()
 
@@ -146,7 +152,7 @@ def load_trained_model(
         model_cfg = model_cfg.replace(**overrides)
     mesh = mesh or make_mesh({"fsdp": -1})
     abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract, trainable_variables(model_cfg), ...)
     target = {
         "params": abstract_with_shardings(abstract_params, state_shardings(abstract_params, mesh, rules)),
         "rest": abstract_with_shardings(abstract_rest, state_shardings(abstract_rest, mesh, rules)),

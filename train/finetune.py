@@ -14,7 +14,13 @@ from jax.sharding import Mesh
 
 from evals.problems import Problem, load_problems
 from models.config import ModelConfig
-from models.pretrained import CHECKPOINTS, extend_model, load_pretrained, pretrained_model_config
+from models.pretrained import (
+    CHECKPOINTS,
+    extend_model,
+    load_pretrained,
+    pretrained_model_config,
+    trainable_variables,
+)
 from models.sharding import Rules
 from sandbox.local import LocalSandbox
 
@@ -36,7 +42,7 @@ def load_starting_model(init_from: str, model_cfg: ModelConfig, mesh: Mesh, rule
 
 def trainable_filter(model_cfg: ModelConfig) -> Any:
     """The variables the optimizer updates: the LoRA adapters when LoRA is on, else every parameter."""
-    return nnx.LoRAParam if model_cfg.lora is not None else nnx.Param
+    return trainable_variables(model_cfg)
 
 
 def has_checkpoints(output_dir: str | Path) -> bool:

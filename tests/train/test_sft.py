@@ -6,6 +6,8 @@ import dataclasses
 import json
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from configs.sft import base as sft_base
@@ -102,3 +104,25 @@ def test_sft_config_errors_name_the_field(pretrained, sft_files, tmp_path):
     run = load_sft_config(sft_config(pretrained, sft_files, tmp_path, model__d_ff=256))
     assert run.model.d_ff == 256  # overrides apply to the checkpoint's config ...
     assert dataclasses.replace(run.model, d_ff=128) == load_sft_config(sft_config(pretrained, sft_files, tmp_path)).model
+
+
+def test_lora_sft_trains_only_the_adapters(pretrained, sft_files, tmp_path):
+    from flax import nnx
+
+    from models.lora import merge_lora
+    from models.pretrained import load_trained_model
+
+    cfg = sft_config(pretrained, sft_files, tmp_path / "lora", sft__epochs=0.0, train__steps=3)
+    cfg.model.lora.rank, cfg.model.lora.dropout = 4, 0.1
+    run = load_sft_config(cfg)
+    summary = finetune(run)
+    assert summary["lora"]["rank"] == 4 and 0 < summary["trainable_params"] < summary["frozen_params"] / 10
+    base, _ = load_trained_model(pretrained)
+    tuned, _ = load_trained_model(tmp_path / "lora")
+    frozen = lambda m: nnx.state(m, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(frozen(base)), jax.tree.leaves(frozen(tuned))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # base weights bitwise unchanged
+    adapters = jax.tree.leaves(nnx.state(tuned, nnx.LoRAParam))
+    assert any(np.abs(np.asarray(a)).max() > 0 for a in adapters)
+    tokens = np.arange(16, dtype=np.int32).reshape(1, 16)
+    np.testing.assert_allclose(merge_lora(tuned)(tokens).logits, tuned(tokens).logits, atol=1e-4)
