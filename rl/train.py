@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,9 @@ class RLSection:
 @section
 class RLConfig(RunConfig):
     rl: RLSection
+
+    # Everything in the rl section shapes the rollouts and the updates: a resume may not change it silently.
+    trajectory_fields: ClassVar[tuple[str, ...]] = (*RunConfig.trajectory_fields, "rl")
 
 
 # ---- config --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import jax
 from ml_collections import ConfigDict
@@ -75,6 +75,9 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     sampler: SamplerConfig = SamplerConfig()
+
+    # Fields that shape the optimizer trajectory (see TRAJECTORY_FIELDS); jobs add their own sections.
+    trajectory_fields: ClassVar[tuple[str, ...]] = TRAJECTORY_FIELDS
 
     @property
     def micro_batch_size(self) -> int:
@@ -150,11 +153,13 @@ def load_run_config(
     return run
 
 
-def trajectory_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(field path, saved value, current value) for each TRAJECTORY_FIELDS field that differs
-    between two `RunConfig.to_dict()` results."""
+def trajectory_changes(
+    saved: Mapping[str, Any], current: Mapping[str, Any], fields: tuple[str, ...] = TRAJECTORY_FIELDS
+) -> list[tuple[str, Any, Any]]:
+    """(field path, saved value, current value) for each of `fields` (a section or a section.field)
+    that differs between two `RunConfig.to_dict()` results."""
     changes = []
-    for field in TRAJECTORY_FIELDS:
+    for field in fields:
         section_name, _, name = field.partition(".")
         old, new = saved.get(section_name, {}), current.get(section_name, {})
         pairs = [(f"{section_name}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))] if not name else [

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import jax
 import numpy as np
@@ -78,6 +78,9 @@ class SFTSection:
 @section
 class SFTConfig(RunConfig):
     sft: SFTSection
+
+    trajectory_fields: ClassVar[tuple[str, ...]] = (*RunConfig.trajectory_fields, "sft.epochs", "sft.warmup_ratio",
+                                                    "sft.data")
 
 
 # ---- config --------------------------------------------------------------------------------------------

@@ -226,7 +226,8 @@ class Trainer:
                     f"config has {current_model.get(name)!r}; a resumed run keeps its model (use a new train.output_dir)"
                 )
         allowed = self.config.checkpoint.allowed_changes
-        for path, old, new in trajectory_changes(saved.get("config", {}), self.config.to_dict()):
+        changes = trajectory_changes(saved.get("config", {}), self.config.to_dict(), self.config.trajectory_fields)
+        for path, old, new in changes:
             if not is_allowed(path, allowed):
                 raise ConfigError(
                     f"{path}: the run in {self.output_dir} was trained with {old!r}, this config has {new!r}; resuming "

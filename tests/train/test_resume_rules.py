@@ -103,3 +103,14 @@ def test_a_finished_run_keeps_its_summary(corpus_dir, tmp_path):
     again = pretrain(run)
     assert again == first
     assert json.loads((tmp_path / "done" / "summary.json").read_text())["eval_loss"] == first["eval_loss"]
+
+
+def test_fine_tuning_jobs_add_their_sections_to_the_refused_changes():
+    from rl.train import RLConfig
+    from train.config import trajectory_changes
+    from train.sft import SFTConfig
+
+    saved = {"rl": {"reward": "binary", "temperature": 1.0}, "sft": {"epochs": 3.0, "init_from": "a"}}
+    current = {"rl": {"reward": "fraction", "temperature": 1.0}, "sft": {"epochs": 2.0, "init_from": "a"}}
+    assert trajectory_changes(saved, current, RLConfig.trajectory_fields) == [("rl.reward", "binary", "fraction")]
+    assert trajectory_changes(saved, current, SFTConfig.trajectory_fields) == [("sft.epochs", 3.0, 2.0)]
