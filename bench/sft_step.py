@@ -30,17 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.train_step import parse_mesh, synthetic_batch
-from configs import base
+from bench.train_step import parse_mesh, time_train_step
 from configs.sharding_rules import RULE_SETS
 from models import lora
 from models.config import LoRAConfig, ModelConfig, get_preset
 from models.decoder import Decoder
-from models.sharding import make_mesh, sharding_context
+from models.sharding import make_mesh
 from train.metrics import peak_flops_per_device
-from train.optimizer import make_optimizer
-from train.state import init_train_state
-from train.step import make_train_step, next_token_loss
 
 
 def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -70,28 +66,8 @@ def adapter_params_per_token(model: nnx.Module, cfg: ModelConfig) -> float:
 def time_steps(cfg: ModelConfig, trainable: Any, mesh: Any, rules: Any, batch: int, seq: int, steps: int,
                warmup: int) -> tuple[float, float, float]:
     """(compile + first step s, median step s, final loss) of the train step training `trainable`."""
-    optim = base.get_config().optim
-    graphdef, state, tx, shardings = init_train_state(
-        lambda: Decoder(cfg, rngs=nnx.Rngs(0)), lambda p: make_optimizer(optim, 1000, p)[0], mesh, rules,
-        trainable=trainable,
-    )
-    with sharding_context(mesh, rules):
-        step = jax.jit(make_train_step(graphdef, tx, next_token_loss, trainable=trainable), donate_argnums=0,
-                       in_shardings=(shardings, None), out_shardings=(shardings, None))
-        inputs = jax.device_put(synthetic_batch(batch, seq, cfg.vocab_size))
-        start = time.perf_counter()
-        state, metrics = step(state, inputs)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
-        for _ in range(warmup):
-            state, metrics = step(state, inputs)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, inputs)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+    compile_s, times, metrics = time_train_step(cfg, mesh, rules, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                                                trainable=trainable)
     return compile_s, float(np.median(times)), float(metrics["loss"])
 
 

@@ -47,19 +47,17 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
     }
 
 
-def measure(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq: int, steps: int, warmup: int,
-            peak_tflops: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Times the jitted train step (AdamW, donated state) of `cfg` on `mesh`.
-
-    Returns (figures, the last step's metrics): compile time, median and p90 step time, tokens/s,
-    achieved TFLOP/s per device from `cfg.flops_per_token(seq)`, and MFU when the peak is known.
-    """
+def time_train_step(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq: int, steps: int, warmup: int,
+                    trainable: Any = nnx.Param) -> tuple[float, list[float], dict[str, Any]]:
+    """Runs the jitted train step (AdamW over `trainable`, donated state) of `cfg` on `mesh` on one
+    synthetic batch: (compile + first step seconds, per-step seconds after `warmup`, last metrics)."""
     optim = base.get_config().optim
     graphdef, state, tx, shardings = init_train_state(
-        lambda: Decoder(cfg, rngs=nnx.Rngs(0)), lambda p: make_optimizer(optim, 1000, p)[0], mesh, rules
+        lambda: Decoder(cfg, rngs=nnx.Rngs(0)), lambda p: make_optimizer(optim, 1000, p)[0], mesh, rules,
+        trainable=trainable,
     )
     with sharding_context(mesh, rules):
-        step = jax.jit(make_train_step(graphdef, tx, next_token_loss), donate_argnums=0,
+        step = jax.jit(make_train_step(graphdef, tx, next_token_loss, trainable=trainable), donate_argnums=0,
                        in_shardings=(shardings, None), out_shardings=(shardings, None))
         inputs = jax.device_put(synthetic_batch(batch, seq, cfg.vocab_size))
         start = time.perf_counter()
@@ -75,7 +73,17 @@ def measure(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq: int, s
             state, metrics = step(state, inputs)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+    return compile_s, times, metrics
 
+
+def measure(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq: int, steps: int, warmup: int,
+            peak_tflops: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Times the jitted train step (AdamW, donated state) of `cfg` on `mesh`.
+
+    Returns (figures, the last step's metrics): compile time, median and p90 step time, tokens/s,
+    achieved TFLOP/s per device from `cfg.flops_per_token(seq)`, and MFU when the peak is known.
+    """
+    compile_s, times, metrics = time_train_step(cfg, mesh, rules, batch=batch, seq=seq, steps=steps, warmup=warmup)
     step_s = float(np.median(times))
     tokens_per_s = batch * seq / step_s
     n_dev = mesh.size
