@@ -309,7 +309,8 @@ class Trainer:
             return
         window = jax.device_get(self._window)
         self._window = []
-        values = {k: float(np.mean([summarize(m)[k] for m in window])) for k in summarize(window[-1])}
+        flat = [summarize(m) for m in window]  # once per step, not once per (step, metric)
+        values = {k: float(np.mean([f[k] for f in flat])) for k in flat[-1]}
         first_bad = int(info.state.first_nonfinite_step)
         if first_bad >= 0 and train.on_nonfinite == "stop":
             self.checkpointer.wait()
