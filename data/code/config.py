@@ -14,7 +14,7 @@ from collections.abc import Callable
 import ml_collections
 
 from configs.schema import ConfigError
-from data.code import decontam, filters, languages, pii
+from data.code import decontam, filters, inputs, languages, pii
 
 
 def split_list(value: str) -> list[str]:
@@ -33,6 +33,7 @@ def default_prepare_config() -> ml_collections.ConfigDict:
     config.read.max_file_bytes = 1_000_000  # larger files are dropped (The Stack: 1 MB)
     config.read.exclude = ".*,__pycache__,node_modules,site-packages"  # fnmatch, any path component
     config.read.single_repo = False  # directory input: the whole tree is one repository
+    config.read.fields = ""  # JSONL/Parquet column of each record field: "text=content,repo=repo_name"
 
     config.language = ml_collections.ConfigDict()
     config.language.languages = ""  # keep only these (comma-separated); empty: all known languages
@@ -66,6 +67,7 @@ def default_prepare_config() -> ml_collections.ConfigDict:
     config.near_dedup.bands = 0  # 0: chosen from threshold and num_perm (`minhash.lsh_parameters`)
     config.near_dedup.rows = 0
     config.near_dedup.verify = True  # confirm LSH candidates by estimated Jaccard >= threshold
+    config.near_dedup.cc_rounds = 12  # Beam: large-star/small-star rounds of the connected components
 
     config.pii = ml_collections.ConfigDict()
     config.pii.enabled = True
@@ -97,6 +99,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_field_map(value: object) -> bool:
+    try:
+        inputs.parse_fields(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
 def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first invalid field."""
     positive = lambda v: _is_int(v) and v > 0
@@ -112,6 +122,7 @@ def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
         lambda v: isinstance(v, str) and set(split_list(v)) <= languages.KNOWN_LANGUAGES,
         f"a comma-separated subset of {sorted(languages.KNOWN_LANGUAGES)}",
     )
+    _check(config, "read.fields", _is_field_map, "comma-separated <text|path|repo|lang>=<column> items")
     _check(config, "quality.max_line_length", positive, "a positive integer")
     _check(config, "quality.max_mean_line_length", lambda v: _is_number(v) and v > 0, "a positive number")
     _check(config, "quality.min_alphanumeric_fraction", fraction, "a number in [0, 1]")
@@ -136,6 +147,7 @@ def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
     _check(config, "near_dedup.threshold", lambda v: _is_number(v) and 0.0 < v < 1.0, "a number in (0, 1)")
     _check(config, "near_dedup.bands", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(config, "near_dedup.rows", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(config, "near_dedup.cc_rounds", positive, "a positive integer")
     num_perm = config.near_dedup.num_perm
     _check(
         config,

@@ -1,14 +1,20 @@
-"""Streaming exact and near deduplication that keeps the first document of each cluster.
+"""Exact and near deduplication: which documents are duplicates, decided the same way by the
+local driver (streaming, below) and the Beam pipeline (`data.curation`, group-bys).
 
-Both deduplicators see one document at a time and hold only fixed-size per-document state
-(a 16-byte content digest; LSH bucket keys and, when verifying, the MinHash signature of each
-*kept* document), never the documents themselves, so they stream over corpora larger than memory.
-The expensive per-document parts (`content_hash`, MinHash signatures, `minhash.band_keys`) are pure
-functions that run in worker processes (or a distributed engine); only the cheap membership
-decisions below are sequential.
-
-A distributed engine would replace these classes by a group-by on the digest (exact) or on each
-band key (near), then a union-find over the colliding pairs.
+Documents are identified by their position in the input order (an int, smaller = earlier) and
+each duplicate cluster keeps its earliest document:
+  exact  documents with equal `content_hash` form a cluster.
+  near   the clusters are the connected components of a graph whose edges are *star edges of
+         LSH buckets*: in every bucket (one band key) the earliest member is joined to each other
+         member whose MinHash signature agrees with its on at least `threshold` of the entries
+         (estimated Jaccard; `verify=False` joins them all). Star edges keep the candidate pairs
+         linear in the number of documents however large a bucket grows, and the components are
+         the same whatever engine computes them (a union-find here, large-star/small-star
+         rounds in Beam), unlike a greedy "first kept match" rule, which depends on the order
+         decisions are taken in.
+Near deduplication runs on the survivors of exact deduplication; an exact duplicate's signature
+and band keys equal its original's, so adding it to the graph only adds edges parallel to the
+original's and changes no component of the survivors (the Beam pipeline relies on this).
 """
 
 from __future__ import annotations
@@ -41,16 +47,17 @@ class ExactDeduplicator:
         return False
 
 
-class NearDeduplicator:
-    """Greedy MinHash-LSH clustering: each document joins the first kept document it matches.
+def is_near_duplicate(signature_a: np.ndarray, signature_b: np.ndarray, threshold: float, verify: bool) -> bool:
+    """Whether a star edge joins two documents of one LSH bucket."""
+    return not verify or minhash.estimate_jaccard(signature_a, signature_b) >= threshold
 
-    A new document is a near-duplicate of a kept one when they share an LSH bucket in at least
-    one band and, with `verify`, their signatures agree on at least `threshold` of the entries
-    (estimated Jaccard similarity). Otherwise it is kept and becomes a cluster representative.
-    Each bucket remembers the first kept document that filled it.
 
-    Memory per kept document: one dictionary entry per band, plus num_perm * 4 bytes for the
-    signature when verifying.
+class NearDuplicateGraph:
+    """Star edges of LSH buckets, added one document at a time in input order, and a union-find
+    over them whose roots are the earliest document of each connected component.
+
+    Memory: one dictionary entry per band key seen, the signature of every document that is the
+    earliest in one of its buckets (when verifying), and a parent entry per joined document.
     """
 
     def __init__(self, bands: int, rows: int, threshold: float, verify: bool = True):
@@ -58,44 +65,41 @@ class NearDeduplicator:
         self.rows = rows
         self.threshold = threshold
         self.verify = verify
-        self._buckets: dict[int, int] = {}
-        self._signatures: np.ndarray | None = None  # [capacity, num_perm] uint32, grown by doubling
-        self.num_kept = 0
-        self.duplicates = 0
-        self._cluster_sizes: dict[int, int] = {}
+        self._first_in_bucket: dict[int, int] = {}
+        self._signatures: dict[int, np.ndarray] = {}
+        self._parent: dict[int, int] = {}
 
-    @property
-    def num_clusters(self) -> int:
-        """Number of kept documents that absorbed at least one near-duplicate."""
-        return len(self._cluster_sizes)
-
-    def find_or_add(self, keys: np.ndarray, signature: np.ndarray) -> int | None:
-        """Index of the kept document this one duplicates, or None after keeping it.
+    def add(self, document: int, keys: np.ndarray, signature: np.ndarray) -> None:
+        """Adds a document later in the input order than every document added before.
 
         Args:
-          keys: [bands] uint64 bucket keys of the document (`minhash.band_keys`).
-          signature: [num_perm] uint32 MinHash signature of the document.
+          document: its position in the input order.
+          keys: [bands] uint64 bucket keys (`minhash.band_keys`).
+          signature: [num_perm] uint32 MinHash signature.
         """
-        key_list = keys.tolist()
-        candidates = {self._buckets[key] for key in key_list if key in self._buckets}
-        for candidate in sorted(candidates):
-            if not self.verify or (
-                minhash.estimate_jaccard(self._signatures[candidate], signature) >= self.threshold
-            ):
-                self.duplicates += 1
-                self._cluster_sizes[candidate] = self._cluster_sizes.get(candidate, 1) + 1
-                return candidate
-        index = self.num_kept
-        self.num_kept += 1
-        for key in key_list:
-            self._buckets.setdefault(key, index)
-        if self.verify:
-            self._store_signature(index, signature)
-        return None
+        first_anywhere = False
+        for key in keys.tolist():
+            first = self._first_in_bucket.setdefault(key, document)
+            if first == document:
+                first_anywhere = True
+            elif is_near_duplicate(self._signatures.get(first), signature, self.threshold, self.verify):
+                self._union(first, document)
+        if first_anywhere and self.verify:
+            self._signatures[document] = signature
 
-    def _store_signature(self, index: int, signature: np.ndarray) -> None:
-        if self._signatures is None:
-            self._signatures = np.zeros((1024, len(signature)), dtype=np.uint32)
-        elif index >= len(self._signatures):
-            self._signatures = np.concatenate([self._signatures, np.zeros_like(self._signatures)])
-        self._signatures[index] = signature
+    def _find(self, document: int) -> int:
+        root = document
+        while self._parent.get(root, root) != root:
+            root = self._parent[root]
+        while document != root:  # path compression
+            self._parent[document], document = root, self._parent[document]
+        return root
+
+    def _union(self, a: int, b: int) -> None:
+        root_a, root_b = self._find(a), self._find(b)
+        if root_a != root_b:
+            self._parent[max(root_a, root_b)] = min(root_a, root_b)
+
+    def representative(self, document: int) -> int:
+        """The earliest document of `document`'s component (itself when it is kept)."""
+        return self._find(document) if document in self._parent else document

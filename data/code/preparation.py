@@ -1,11 +1,17 @@
-"""The streaming driver behind `python -m data.prepare`.
+"""The local driver behind `python -m data.prepare` (the Beam pipeline is `data.curation`).
 
-Main process: reads inputs (`inputs`), batches them, takes the sequential decisions (exact and
-near deduplication, grouping files into repository documents) and writes ArrayRecord shards.
-Worker processes: the pure per-file stages (`stages.FileStages`). Batches go out and come back
-in input order with a bounded number in flight, so memory stays flat however large the corpus
-and the output is identical for any number of workers. Progress (files, MB, MB/s, records
-written) is logged every `config.progress_seconds`.
+Main process: reads inputs (`inputs`), batches them and takes the decisions that need state across
+documents; worker processes run the pure per-file stages (`stages.FileStages`). Batches go out and
+come back in input order with a bounded number in flight, so the output is identical for any
+number of workers. Three steps:
+  1. stream: per-file stages, exact dedup, the near-duplicate graph (`dedup`); survivors of exact
+     dedup are spilled to an ArrayRecord file in the output directory, their text never held.
+  2. decide: the near-duplicate components are final once every document is in; each file's
+     decision is counted, and kept files are grouped by `documents.group_key`.
+  3. write: groups in input order (of their first file) are read back from the spill, made into
+     documents (`documents`) and written as ArrayRecord shards.
+Memory holds per document only its dedup keys and a few integers. Progress (files, MB, MB/s,
+records written) is logged every `config.progress_seconds`.
 """
 
 from __future__ import annotations
@@ -15,38 +21,18 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
 from absl import logging
+from array_record.python import array_record_module
 
 from data.code import config as config_lib
-from data.code import decontam, dedup, inputs, repo, shards, stages
-
-
-class _Report:
-    """Documents and bytes in/out per stage, drop reasons and stage-specific counts."""
-
-    def __init__(self) -> None:
-        self.stages = {name: dict.fromkeys(("documents_in", "documents_out", "bytes_in", "bytes_out"), 0) for name in stages.STAGES}
-        self.drop_reasons = {name: collections.Counter() for name in stages.STAGES}
-        self.pii: collections.Counter[str] = collections.Counter()
-        self.contamination: collections.Counter[str] = collections.Counter()
-        self.languages: collections.Counter[str] = collections.Counter()
-
-    def passed(self, stage: str, bytes_in: int, bytes_out: int | None = None, documents_in: int = 1, documents_out: int = 1) -> None:
-        counts = self.stages[stage]
-        counts["documents_in"] += documents_in
-        counts["documents_out"] += documents_out
-        counts["bytes_in"] += bytes_in
-        counts["bytes_out"] += bytes_in if bytes_out is None else bytes_out
-
-    def dropped(self, stage: str, size: int, reason: str) -> None:
-        self.passed(stage, size, 0, documents_out=0)
-        self.drop_reasons[stage][reason] += 1
-
+from data.code import decontam, dedup, documents, inputs, shards, stages
+from data.code import report as report_lib
 
 _worker_stages: stages.FileStages | None = None
 
@@ -99,54 +85,6 @@ def _batches(items: Iterable[inputs.InputFile], max_files: int, max_bytes: int) 
         yield batch
 
 
-class _RepositoryAssembler:
-    """Collects the kept files of consecutive inputs of one group into a repository document.
-
-    Files without a group (or with repository documents disabled) pass through as they are.
-    A path seen twice in one group starts a new document for the same repository.
-    """
-
-    def __init__(self, enabled: bool, tokenizer: Any | None, emit: Callable[[dict[str, Any]], None], report: _Report):
-        self.enabled = enabled
-        self.tokenizer = tokenizer
-        self.emit = emit
-        self.report = report
-        self._group: str | None = None
-        self._files: list[stages.FileOutcome] = []
-        self._paths: set[str] = set()
-
-    def add(self, group: str | None, outcome: stages.FileOutcome) -> None:
-        record = outcome.record
-        if not self.enabled or group is None or not record.get("path"):
-            self.report.passed("repository", outcome.redacted_size)
-            self.emit(record)
-            return
-        if group != self._group or record["path"] in self._paths:
-            self.flush()
-            self._group = group
-        self._files.append(outcome)
-        self._paths.add(record["path"])
-
-    def flush(self) -> None:
-        if not self._files:
-            return
-        files = [outcome.record for outcome in self._files]
-        imports = {o.record["path"]: o.imports for o in self._files if o.imports is not None}
-        ordered = repo.order_files(files, imports)
-        tokens_by_path = {o.record["path"]: o.tokens for o in self._files}
-        file_tokens = [tokens_by_path[f["path"]] for f in ordered] if self.tokenizer is not None else None
-        document = repo.repository_document(files[0]["repo"], ordered, self.tokenizer, file_tokens)
-        contaminated = sorted({f["contaminated"] for f in files if f.get("contaminated")})
-        if contaminated:
-            document["contaminated"] = contaminated
-        size_in = sum(o.redacted_size for o in self._files)
-        self.report.passed("repository", size_in, len(document["text"].encode("utf-8", "surrogatepass")), len(files), 1)
-        self.emit(document)
-        self._files = []
-        self._paths = set()
-        self._group = None
-
-
 def build_contamination_index(config: ml_collections.ConfigDict) -> decontam.ContaminationIndex:
     fields = config_lib.split_list(config.decontam.fields)
     problems = []
@@ -155,6 +93,9 @@ def build_contamination_index(config: ml_collections.ConfigDict) -> decontam.Con
     for path in config_lib.split_list(config.decontam.eval_files):
         problems += decontam.load_problems_jsonl(path, fields)
     return decontam.ContaminationIndex(problems, config.decontam.ngram)
+
+
+_SPILL_NAME = ".prepare-spill.array_record"
 
 
 def prepare(
@@ -166,7 +107,7 @@ def prepare(
     """Curates `input_paths` into ArrayRecord shards in `output_dir`; returns the JSON report.
 
     Args:
-      input_paths: JSONL(.gz) files and/or directory trees of repositories.
+      input_paths: JSONL(.gz) and Parquet files, glob patterns of them, directory trees of repositories.
       output_dir: receives `{prefix}-NNNNN-of-NNNNN.array_record` and `report.json`.
       config: a `config.default_prepare_config()` (validated here).
       tokenizer: optional; repository documents then carry "tokens" with spliced separators.
@@ -178,127 +119,137 @@ def prepare(
     index = build_contamination_index(config) if config.decontam.enabled else None
     file_stages = stages.FileStages(config.to_dict(), index, tokenizer)
     workers = (os.cpu_count() or 1) if config.workers == -1 else config.workers
-    report = _Report()
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(name: str, value: int) -> None:
+        counts[name] += value
+
     exact = dedup.ExactDeduplicator()
-    near = dedup.NearDeduplicator(file_stages.bands, file_stages.rows, config.near_dedup.threshold, config.near_dedup.verify)
-
+    near = dedup.NearDuplicateGraph(file_stages.bands, file_stages.rows, config.near_dedup.threshold, config.near_dedup.verify)
     writer = shards.ShardWriter(output_dir, config.output.prefix, config.output.records_per_shard, config.output.max_shard_bytes)
-
-    def emit(record: dict[str, Any]) -> None:
-        writer.write(record)
-        report.languages[record.get("lang") or "unknown"] += 1
-
-    assembler = _RepositoryAssembler(config.repo.enabled, tokenizer, emit, report)
     items = inputs.read_inputs(
-        input_paths, config_lib.split_list(config.read.exclude), config.read.single_repo, config.read.max_file_bytes
+        input_paths, config_lib.split_list(config.read.exclude), config.read.single_repo, config.read.max_file_bytes,
+        inputs.parse_fields(config.read.fields),
     )
-    next_progress = started + config.progress_seconds
-    with writer:
-        for batch, outcomes in _ordered_map(_run_worker, file_stages, _batches(items, config.batch_files, config.batch_bytes), workers):
-            readable = iter(outcomes)
-            for item in batch:
-                if item.record is None:
-                    report.dropped("read", item.size, item.drop_reason)
-                    continue
-                outcome = next(readable)
-                report.passed("read", item.size, outcome.size)
-                if _survives(outcome, report, exact, near, config):
-                    assembler.add(item.group, outcome)
-            if time.perf_counter() >= next_progress:
-                _log_progress(report, writer, started)
-                next_progress = time.perf_counter() + config.progress_seconds
-        assembler.flush()
-        shard_paths = writer.close()
-    _log_progress(report, writer, started)
-
+    spill_path = os.path.join(output_dir, _SPILL_NAME)
+    progress = _Progress(counts, writer, started, config.progress_seconds)
+    # Per spilled file: doc_id, size as read, group key.
+    spilled: list[tuple[int, int, str]] = []
+    spill = array_record_module.ArrayRecordWriter(spill_path, "group_size:1")
+    try:
+        with writer:
+            for batch, outcomes in _ordered_map(_run_worker, file_stages, _batches(items, config.batch_files, config.batch_bytes), workers):
+                readable = iter(outcomes)
+                for item in batch:
+                    if item.record is None:
+                        report_lib.dropped(count, "read", item.size, item.drop_reason)
+                        continue
+                    outcome = next(readable)
+                    report_lib.passed(count, "read", item.size, outcome.size)
+                    if not stages.count_filter_stages(count, outcome):
+                        continue
+                    if config.exact_dedup.enabled and exact.is_duplicate(outcome.digest):
+                        stages.count_dedup_and_pii(count, outcome.size, 0, {}, "exact")
+                        continue
+                    if config.near_dedup.enabled:
+                        near.add(item.doc_id, outcome.band_keys, outcome.signature)
+                    kept = documents.KeptFile(item.doc_id, item.group, outcome.record, outcome.redacted_size, outcome.imports, outcome.tokens)
+                    spill.write(pickle.dumps((kept, outcome.size, outcome.pii_counts), protocol=pickle.HIGHEST_PROTOCOL))
+                    spilled.append((item.doc_id, outcome.size, documents.group_key(kept, config.repo.enabled)))
+                progress.maybe_log()
+            spill.close()
+            groups = _decide(spilled, near, config.near_dedup.enabled, count)
+            _write_groups(spill_path, groups, config.repo.enabled, tokenizer, writer, count, progress)
+            shard_paths = writer.close()
+    finally:
+        spill.close()
+        if os.path.exists(spill_path):
+            os.remove(spill_path)
+    progress.log()
     seconds = time.perf_counter() - started
-    result = _summary(report, input_paths, output_dir, shard_paths, writer, exact, near, seconds, config, workers)
-    _write_json(os.path.join(output_dir, "report.json"), result)
+    result = make_report(counts, config, input_paths, output_dir, [os.path.basename(path) for path in shard_paths])
+    result.update(workers=workers, seconds=round(seconds, 3), input_megabytes_per_second=_rate(counts, seconds))
+    result["config"] = config.to_dict()
+    write_json(os.path.join(output_dir, "report.json"), result)
     return result
 
 
-def _survives(
-    outcome: stages.FileOutcome, report: _Report, exact: dedup.ExactDeduplicator, near: dedup.NearDeduplicator, config: ml_collections.ConfigDict
-) -> bool:
-    """Accounts the worker stages of one file and takes the dedup decisions; True if it is kept."""
-    for stage in ("language", "quality", "decontamination"):
-        if outcome.dropped_by == stage:
-            report.dropped(stage, outcome.size, outcome.reason)
-            if stage == "decontamination":
-                report.contamination[outcome.reason] += 1
-            return False
-        report.passed(stage, outcome.size)
-    if outcome.contamination:
-        report.contamination[outcome.contamination] += 1
-    if config.exact_dedup.enabled and exact.is_duplicate(outcome.digest):
-        report.dropped("exact_dedup", outcome.size, "duplicate")
-        return False
-    report.passed("exact_dedup", outcome.size)
-    if config.near_dedup.enabled and near.find_or_add(outcome.band_keys, outcome.signature) is not None:
-        report.dropped("near_dedup", outcome.size, "near_duplicate")
-        return False
-    report.passed("near_dedup", outcome.size)
-    report.passed("pii", outcome.size, outcome.redacted_size)
-    report.pii.update(outcome.pii_counts)
-    return True
+def _decide(spilled: list[tuple[int, int, str]], near: dedup.NearDuplicateGraph, near_enabled: bool, count: report_lib.Count) -> list[list[int]]:
+    """Counts near duplicates; returns the spill indices of the kept files per group key, the
+    groups ordered by their first file."""
+    groups: dict[str, list[int]] = {}
+    representatives: set[int] = set()
+    for spill_index, (doc_id, size, key) in enumerate(spilled):
+        representative = near.representative(doc_id) if near_enabled else doc_id
+        if representative != doc_id:
+            stages.count_dedup_and_pii(count, size, 0, {}, "near")
+            representatives.add(representative)
+        else:
+            groups.setdefault(key, []).append(spill_index)
+    count("duplicates/near_clusters", len(representatives))
+    return sorted(groups.values(), key=lambda indices: spilled[indices[0]][0])
 
 
-def _log_progress(report: _Report, writer: shards.ShardWriter, started: float) -> None:
-    read = report.stages["read"]
-    megabytes = read["bytes_in"] / 1e6
-    seconds = time.perf_counter() - started
-    logging.info(
-        "prepare: %d files read (%.1f MB, %.2f MB/s), %d kept, %d records written (%.1f MB)",
-        read["documents_in"], megabytes, megabytes / seconds, report.stages["pii"]["documents_out"],
-        writer.num_records, writer.num_bytes / 1e6,
-    )
+def _write_groups(
+    spill_path: str, groups: list[list[int]], repository_documents: bool, tokenizer: Any | None, writer: shards.ShardWriter,
+    count: report_lib.Count, progress: _Progress,
+) -> None:
+    reader = array_record_module.ArrayRecordReader(spill_path)
+    try:
+        for indices in groups:
+            files = []
+            for data in reader.read(indices):
+                kept, size, pii_counts = pickle.loads(data)
+                stages.count_dedup_and_pii(count, size, kept.redacted_size, pii_counts, None)
+                files.append(kept)
+            for record in documents.documents(files, repository_documents, tokenizer, count):
+                documents.count_output(count, record, writer.write(record))
+            progress.maybe_log()
+    finally:
+        reader.close()
 
 
-def _summary(
-    report: _Report,
-    input_paths: Sequence[str],
-    output_dir: str,
-    shard_paths: list[str],
-    writer: shards.ShardWriter,
-    exact: dedup.ExactDeduplicator,
-    near: dedup.NearDeduplicator,
-    seconds: float,
-    config: ml_collections.ConfigDict,
-    workers: int,
+class _Progress:
+    def __init__(self, counts: collections.Counter[str], writer: shards.ShardWriter, started: float, interval: float):
+        self.counts, self.writer, self.started, self.interval = counts, writer, started, interval
+        self.next = started + interval
+
+    def maybe_log(self) -> None:
+        if time.perf_counter() >= self.next:
+            self.log()
+            self.next = time.perf_counter() + self.interval
+
+    def log(self) -> None:
+        megabytes = self.counts["stage/read/bytes_in"] / 1e6
+        seconds = time.perf_counter() - self.started
+        logging.info(
+            "prepare: %d files read (%.1f MB, %.2f MB/s), %d kept, %d records written (%.1f MB)",
+            self.counts["stage/read/documents_in"], megabytes, megabytes / seconds, self.counts["stage/pii/documents_out"],
+            self.writer.num_records, self.writer.num_bytes / 1e6,
+        )
+
+
+def _rate(counts: collections.abc.Mapping[str, int], seconds: float) -> float | None:
+    return round(counts.get("stage/read/bytes_in", 0) / 1e6 / seconds, 3) if seconds > 0 else None
+
+
+def make_report(
+    counts: collections.abc.Mapping[str, int], config: ml_collections.ConfigDict, input_paths: Sequence[str], output_dir: str, shard_names: list[str]
 ) -> dict[str, Any]:
-    input_bytes = report.stages["read"]["bytes_in"]
-    return {
-        "inputs": list(input_paths),
-        "output_dir": output_dir,
-        "stages": report.stages,
-        "drop_reasons": {stage: dict(reasons) for stage, reasons in report.drop_reasons.items() if reasons},
-        "duplicates": {
-            "exact": exact.duplicates,
-            "near": near.duplicates,
-            "near_clusters": near.num_clusters,
-            "lsh_bands": near.bands,
-            "lsh_rows": near.rows,
-        },
-        "pii_redactions": dict(report.pii),
-        "contamination": {
-            "action": config.decontam.action if config.decontam.enabled else "disabled",
-            "documents": sum(report.contamination.values()),
-            "by_problem": dict(sorted(report.contamination.items())),
-        },
-        "output": {
-            "records": writer.num_records,
-            "bytes": writer.num_bytes,
-            "languages": dict(report.languages.most_common()),
-            "shards": [os.path.basename(path) for path in shard_paths],
-        },
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "input_megabytes_per_second": round(input_bytes / 1e6 / seconds, 3) if seconds > 0 else None,
-        "config": config.to_dict(),
-    }
+    """The report of a run from its named counts (`report`), whichever engine counted them."""
+    bands, rows = stages.lsh_shape(config.near_dedup)
+    summary = report_lib.summary(
+        counts,
+        config_lib.split_list(config.pii.kinds) if config.pii.enabled else None,
+        config.decontam.action if config.decontam.enabled else "disabled",
+        bands,
+        rows,
+    )
+    summary["output"]["shards"] = shard_names
+    return {"inputs": list(input_paths), "output_dir": output_dir, **summary}
 
 
-def _write_json(path: str, value: dict[str, Any]) -> None:
+def write_json(path: str, value: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as file:
         json.dump(value, file, indent=2, sort_keys=False)
         file.write("\n")

@@ -21,8 +21,9 @@ import numpy as np
 
 from data.code import config as config_lib
 from data.code import decontam, dedup, filters, hashing, languages, minhash, pii, repo
+from data.code import report as report_lib
 
-STAGES = ("read", "language", "quality", "decontamination", "exact_dedup", "near_dedup", "pii", "repository")
+STAGES = report_lib.STAGES
 
 
 def language_stage(record: Mapping[str, Any], allowed: frozenset[str], keep_unknown: bool) -> tuple[dict[str, Any] | None, str | None]:
@@ -190,3 +191,36 @@ class FileStages:
                 outcome.imports = repo.python_imports(record["text"])
             if self.tokenizer is not None:
                 outcome.tokens = self.tokenizer.encode(repo.file_piece(record["path"], record["text"]))
+
+
+def count_filter_stages(count: report_lib.Count, outcome: FileOutcome) -> bool:
+    """Counts language, quality and decontamination for one read file; True when it is kept."""
+    for stage in ("language", "quality", "decontamination"):
+        if outcome.dropped_by == stage:
+            report_lib.dropped(count, stage, outcome.size, outcome.reason)
+            if stage == "decontamination":
+                count(f"contamination/{outcome.reason}", 1)
+            return False
+        report_lib.passed(count, stage, outcome.size)
+    if outcome.contamination:
+        count(f"contamination/{outcome.contamination}", 1)
+    return True
+
+
+def count_dedup_and_pii(count: report_lib.Count, size: int, redacted_size: int, pii_counts: Mapping[str, int], duplicate: str | None) -> bool:
+    """Counts the dedup decision of one filtered file ('exact', 'near' or None) and, when kept,
+    its PII redactions; True when it is kept."""
+    if duplicate == "exact":
+        report_lib.dropped(count, "exact_dedup", size, "duplicate")
+        count("duplicates/exact", 1)
+        return False
+    report_lib.passed(count, "exact_dedup", size)
+    if duplicate == "near":
+        report_lib.dropped(count, "near_dedup", size, "near_duplicate")
+        count("duplicates/near", 1)
+        return False
+    report_lib.passed(count, "near_dedup", size)
+    report_lib.passed(count, "pii", size, redacted_size)
+    for kind, value in pii_counts.items():
+        count(f"pii/{kind}", value)
+    return True

@@ -117,15 +117,13 @@ def test_near_duplicates_are_found_and_distinct_files_kept() -> None:
     originals = [path.read_text(encoding="utf-8") for path in sorted(STDLIB.glob("[g-s]*.py")) if 2000 < path.stat().st_size < 60000][:40]
     variants = [(i, edited) for i, text in enumerate(originals[:10]) for edited in small_edits(text, rng)]
     bands, rows = minhash.lsh_parameters(0.7, 256)
-    near = dedup.NearDeduplicator(bands, rows, threshold=0.7)
+    near = dedup.NearDuplicateGraph(bands, rows, threshold=0.7)
     signatures = HASHER.signatures(originals + [text for _, text in variants])
     keys = minhash.band_keys(signatures, bands, rows)
-    kept = [near.find_or_add(keys[i], signatures[i]) for i in range(len(originals))]
-    assert kept == [None] * len(originals)  # distinct modules are all kept
-    for j, (original, _) in enumerate(variants):
-        row = len(originals) + j
-        assert near.find_or_add(keys[row], signatures[row]) == original
-    assert near.duplicates == len(variants) and near.num_clusters == 10 and near.num_kept == len(originals)
+    for row in range(len(signatures)):
+        near.add(row, keys[row], signatures[row])
+    assert [near.representative(i) for i in range(len(originals))] == list(range(len(originals)))  # distinct modules all kept
+    assert [near.representative(len(originals) + j) for j in range(len(variants))] == [original for original, _ in variants]
 
 
 def test_band_keys_collide_exactly_when_bands_agree() -> None:
@@ -146,14 +144,25 @@ def test_exact_deduplication_by_content_hash() -> None:
 
 
 def test_unverified_lsh_flags_any_band_collision() -> None:
-    near = dedup.NearDeduplicator(bands=2, rows=2, threshold=0.9, verify=False)
     first = np.array([1, 2, 3, 4], dtype=np.uint32)
     second = np.array([1, 2, 9, 9], dtype=np.uint32)  # estimated Jaccard 0.5, one band shared
     keys = minhash.band_keys(np.stack([first, second]), 2, 2)
-    assert near.find_or_add(keys[0], first) is None
-    assert near.find_or_add(keys[1], second) == 0
-    verified = dedup.NearDeduplicator(bands=2, rows=2, threshold=0.9, verify=True)
-    assert verified.find_or_add(keys[0], first) is None and verified.find_or_add(keys[1], second) is None
+    for verify, expected in ((False, 0), (True, 1)):
+        near = dedup.NearDuplicateGraph(bands=2, rows=2, threshold=0.9, verify=verify)
+        near.add(0, keys[0], first)
+        near.add(1, keys[1], second)
+        assert (near.representative(0), near.representative(1)) == (0, expected)
+
+
+def test_near_duplicate_clusters_are_connected_components() -> None:
+    """Document 2 shares a band with 0 and another with 1: all three form one cluster kept as 0,
+    though 1 matched nothing when it was added (a greedy first-match rule would keep 1)."""
+    signatures = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 7, 8], [9, 9, 9, 9]], dtype=np.uint32)
+    keys = minhash.band_keys(signatures, 2, 2)
+    near = dedup.NearDuplicateGraph(bands=2, rows=2, threshold=0.5, verify=True)
+    for document in (0, 1, 2, 3):
+        near.add(document, keys[document], signatures[document])
+    assert [near.representative(document) for document in range(4)] == [0, 0, 0, 3]
 
 
 def test_selecting_documents_of_hashed_sequences() -> None:

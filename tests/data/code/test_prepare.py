@@ -156,13 +156,19 @@ def test_single_repository_tree_and_language_selection(corpus: dict[str, Path], 
     assert report["drop_reasons"]["language"] == {"unknown": 1, "excluded": 3}
 
 
-def test_bad_inputs_and_existing_shards_are_reported(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_inputs_are_counted_per_reason(corpus: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"text": 5}\n')
+    bad.write_bytes(b'{"text": "ok = 1\\n", "path": "ok.py"}\n{"text": 5}\n{"path": "x.py"}\nnot json\n[1, 2]\n'
+                    b'{"text": "x = 2\\n", "path": 3}\n{"text": "\xff\xfe"}\n')
+    lines = b"".join(b'{"text": "v%d = 1\\n", "path": "v%d.py"}\n' % (i, i) for i in range(2000))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(lines)[:2000])  # a gzip stream cut short
     config = config_lib.default_prepare_config()
     config.workers = 0
-    with pytest.raises(ValueError, match=f"{bad}:2: field 'text' must be a string"):
-        preparation.prepare([str(bad)], str(tmp_path / "out"), config)
+    report = preparation.prepare([str(bad), str(cut)], str(tmp_path / "out"), config)
+    assert report["drop_reasons"]["read"] == {"bad_field": 2, "invalid_json": 1, "missing_text": 1, "not_object": 1, "not_utf8": 1, "unreadable": 1}
+    read = report["stages"]["read"]
+    assert read["documents_out"] > 1 and read["documents_in"] == read["documents_out"] + 7
     with pytest.raises(ValueError, match="no such file or directory"):
         preparation.prepare([str(tmp_path / "missing.jsonl")], str(tmp_path / "out2"), config)
     preparation.prepare([str(corpus["jsonl"])], str(tmp_path / "out3"), config)
