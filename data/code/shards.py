@@ -16,7 +16,12 @@ from typing import Any
 
 from array_record.python import array_record_module
 
-_WRITER_OPTIONS = "group_size:1"
+WRITER_OPTIONS = "group_size:1"
+
+
+def serialize(record: Mapping[str, Any]) -> bytes:
+    """A record as it is stored: UTF-8 JSON."""
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 class ShardWriter:
@@ -38,7 +43,7 @@ class ShardWriter:
 
     def write(self, record: Mapping[str, Any]) -> int:
         """Appends one record; returns its serialised size in bytes."""
-        data = json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        data = serialize(record)
         if self._writer is None or self._shard_records >= self.records_per_shard or (
             self._shard_records and self._shard_bytes + len(data) > self.max_shard_bytes
         ):
@@ -53,7 +58,7 @@ class ShardWriter:
     def _start_shard(self) -> None:
         self._close_writer()
         path = os.path.join(self.output_dir, f"{self.prefix}-{len(self._paths):05d}.array_record.partial")
-        self._writer = array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS)
+        self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
         self._paths.append(path)
         self._shard_records = self._shard_bytes = 0
 
