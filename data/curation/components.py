@@ -37,9 +37,8 @@ def _large_star(node_neighbours: tuple[int, Iterable[int]]) -> Iterator[tuple[in
 def _small_star(node_neighbours: tuple[int, Iterable[int]]) -> Iterator[tuple[int, int]]:
     node, neighbours = node_neighbours
     smaller = {neighbour for neighbour in neighbours if neighbour < node}
-    if not smaller:
-        return  # its edges are re-emitted by its larger neighbours
-    smallest = min(smaller)
+    # Without smaller neighbours there is nothing to emit: its larger neighbours re-emit its edges.
+    smallest = min(smaller, default=node)
     for member in smaller | {node}:
         if member != smallest:
             yield member, smallest
