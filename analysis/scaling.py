@@ -1,8 +1,8 @@
 """Scaling-law fits: Chinchilla's parametric loss, compute-optimal allocation, IsoFLOP power laws.
 
-    python -m train.scaling --csv=../shared/data/chinchilla_svg_extracted_data.csv --drop_highest=5 \
+    python -m analysis.scaling --csv=../shared/data/chinchilla_svg_extracted_data.csv --drop_highest=5 \
         --out=fit.json --plot=fit.png
-    python -m train.scaling --runs runs/llama-10m runs/llama-25m ...
+    python -m analysis.scaling --runs runs/llama-10m runs/llama-25m ...
 
 Approach 3 of Hoffmann et al. (2022), "Training Compute-Optimal Large Language Models", fitted as in
 Besiroglu et al. (2024), "Chinchilla Scaling: A replication attempt":
@@ -543,7 +543,7 @@ def _frontier_table(law: ChinchillaLaw, points: ScalingPoints) -> list[dict[str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.scaling", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m analysis.scaling", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", type=Path, help="CSV with columns 'Model Size', 'Training FLOP', 'loss'")

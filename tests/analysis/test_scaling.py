@@ -12,9 +12,8 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import huber
 
-from models.config import get_preset
-from train import scaling
-from train.scaling import (
+from analysis import scaling
+from analysis.scaling import (
     COARSE_GRID,
     HOFFMANN_GRID,
     ChinchillaLaw,
@@ -29,6 +28,7 @@ from train.scaling import (
     objective_at,
     read_scaling_csv,
 )
+from models.config import get_preset
 
 REFERENCE_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
 needs_reference = pytest.mark.skipif(

@@ -1,0 +1,1 @@
+"""Scaling-law fits, ablation tables and plots over training results; trains nothing."""
