@@ -69,14 +69,20 @@ Progress = Callable[[str], None]
 # ----------------------------------------------------------------------------------------- data
 @dataclasses.dataclass(frozen=True)
 class ScalingPoints:
-    """Training runs as (N, D, loss) triples: three float64 arrays of shape [P], all finite and > 0."""
+    """Training runs as (N, D, loss) triples: float64 arrays of shape [P], all finite and > 0.
+
+    flops: each run's training FLOPs by the model's own formula (models/config.py flops_per_token x D),
+    when known; `compute` is 6 N D otherwise.
+    """
 
     n_params: np.ndarray
     n_tokens: np.ndarray
     loss: np.ndarray
+    flops: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for field in ("n_params", "n_tokens", "loss"):
+        fields = ("n_params", "n_tokens", "loss") + (("flops",) if self.flops is not None else ())
+        for field in fields:
             values = np.asarray(getattr(self, field), dtype=np.float64)
             if values.ndim != 1:
                 raise ValueError(f"ScalingPoints.{field}: expected shape [P], got {values.shape}")
@@ -84,24 +90,24 @@ class ScalingPoints:
             if bad.size:
                 raise ValueError(f"ScalingPoints.{field}[{bad[0]}]: must be finite and > 0, got {values[bad[0]]}")
             object.__setattr__(self, field, values)
-        if not len(self.n_params) == len(self.n_tokens) == len(self.loss):
-            raise ValueError(f"ScalingPoints: lengths differ (n_params {len(self.n_params)}, "
-                             f"n_tokens {len(self.n_tokens)}, loss {len(self.loss)})")
+        if len({len(getattr(self, field)) for field in fields}) != 1:
+            raise ValueError(f"ScalingPoints: lengths differ ({', '.join(f'{f} {len(getattr(self, f))}' for f in fields)})")
 
     def __len__(self) -> int:
         return len(self.loss)
 
     @property
     def compute(self) -> np.ndarray:
-        """Training FLOPs C = 6 N D, shape [P]."""
-        return 6.0 * self.n_params * self.n_tokens
+        """Training FLOPs, shape [P]: `flops` when given, else C = 6 N D."""
+        return self.flops if self.flops is not None else 6.0 * self.n_params * self.n_tokens
 
     def logs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(log N, log D, log loss), each [P]: the fit's inputs."""
         return np.log(self.n_params), np.log(self.n_tokens), np.log(self.loss)
 
     def take(self, indices: np.ndarray) -> ScalingPoints:
-        return ScalingPoints(self.n_params[indices], self.n_tokens[indices], self.loss[indices])
+        return ScalingPoints(self.n_params[indices], self.n_tokens[indices], self.loss[indices],
+                             None if self.flops is None else self.flops[indices])
 
     def drop_highest_loss(self, count: int) -> ScalingPoints:
         """The points without the `count` highest losses (Besiroglu et al. drop 5 as outliers)."""
@@ -263,6 +269,60 @@ class ChinchillaLaw:
         return {name: getattr(self, name) for name in PARAM_NAMES}
 
 
+ADDITIVE_NAMES = ("Nc", "Dc", "alpha_N", "alpha_D", "L_inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditiveLaw:
+    """L(N, D) = (Nc / N)^alpha_N + (Dc / D)^alpha_D + L_inf, the form recent code scaling-law work
+    fits (its published Python exponents: alpha_N 0.221, alpha_D 1.217, L_inf 0.566).
+
+    The same family as Chinchilla's L = E + A / N^alpha + B / D^beta with A = Nc^alpha_N,
+    B = Dc^alpha_D, E = L_inf, so it is fitted through `fit_chinchilla` and converted; Nc and Dc are
+    the scales at which each term reaches 1 nat.
+    """
+
+    Nc: float
+    Dc: float
+    alpha_N: float
+    alpha_D: float
+    L_inf: float
+
+    @classmethod
+    def from_chinchilla(cls, law: ChinchillaLaw) -> AdditiveLaw:
+        return cls(Nc=law.A ** (1.0 / law.alpha), Dc=law.B ** (1.0 / law.beta), alpha_N=law.alpha, alpha_D=law.beta,
+                   L_inf=law.E)
+
+    def to_chinchilla(self) -> ChinchillaLaw:
+        return ChinchillaLaw(E=self.L_inf, A=self.Nc**self.alpha_N, B=self.Dc**self.alpha_D, alpha=self.alpha_N,
+                             beta=self.alpha_D)
+
+    def loss(self, n_params: np.ndarray | float, n_tokens: np.ndarray | float) -> np.ndarray:
+        """Predicted loss; broadcasts N and D."""
+        return (np.power(self.Nc / np.asarray(n_params, np.float64), self.alpha_N)
+                + np.power(self.Dc / np.asarray(n_tokens, np.float64), self.alpha_D) + self.L_inf)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in ADDITIVE_NAMES}
+
+
+def compute_optimal_numeric(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], compute: np.ndarray | float,
+                            flops_per_token: Callable[[np.ndarray], np.ndarray], n_range: tuple[float, float] = (1e2, 1e13),
+                            resolution: int = 20001) -> tuple[np.ndarray, np.ndarray]:
+    """(N_opt, D_opt), each shaped like `compute`: the N minimising loss(N, C / flops_per_token(N)).
+
+    For compute measured by a model's own FLOP formula instead of 6 N D (small models spend most of
+    theirs in the LM head); a log-spaced search over `n_range` (relative step ~0.2% at the default).
+    """
+    budgets = np.atleast_1d(np.asarray(compute, np.float64))
+    n_grid = np.geomspace(*n_range, resolution)
+    d_grid = budgets[:, None] / flops_per_token(n_grid)[None, :]  # [B, G]
+    best = np.argmin(loss(n_grid[None, :], d_grid), axis=1)
+    n_opt, d_opt = n_grid[best], d_grid[np.arange(len(budgets)), best]
+    shape = np.shape(compute)
+    return n_opt.reshape(shape), d_opt.reshape(shape)
+
+
 # ------------------------------------------------------------------------------------ objective
 def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
                     delta: float = HUBER_DELTA) -> tuple[float, np.ndarray]:
@@ -398,11 +458,22 @@ class BootstrapResult:
 
     def intervals(self) -> dict[str, dict[str, float]]:
         """Percentile intervals at `level`, and the standard deviation, per parameter."""
-        tail = 100 * (1 - self.level) / 2
-        low, high = np.percentile(self.samples, [tail, 100 - tail], axis=0)
-        std = self.samples.std(axis=0, ddof=1)
-        return {name: {"low": float(lo), "high": float(hi), "std": float(s)}
-                for name, lo, hi, s in zip(PARAM_NAMES, low, high, std)}
+        return percentile_intervals(self.samples, PARAM_NAMES, self.level)
+
+    def additive_intervals(self) -> dict[str, dict[str, float]]:
+        """The same refits in the additive form's parameters (ADDITIVE_NAMES)."""
+        samples = np.array([list(AdditiveLaw.from_chinchilla(ChinchillaLaw(*row)).as_dict().values())
+                            for row in self.samples])
+        return percentile_intervals(samples, ADDITIVE_NAMES, self.level)
+
+
+def percentile_intervals(samples: np.ndarray, names: Sequence[str], level: float) -> dict[str, dict[str, float]]:
+    """Per column of samples [R, len(names)]: the central `level` percentile interval and the std."""
+    tail = 100 * (1 - level) / 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+        std = samples.std(axis=0, ddof=1)
+    return {name: {"low": float(lo), "high": float(hi), "std": float(sd)} for name, lo, hi, sd in zip(names, low, high, std)}
 
 
 def bootstrap(points: ScalingPoints, fit: ChinchillaFit, n_resamples: int, seed: int = 0, level: float = 0.95,
@@ -465,27 +536,36 @@ class IsoFlopOptima:
                 "d_opt": fit_power_law(self.compute, self.compute / (6.0 * self.n_opt))}
 
 
+def isoflop_groups(points: ScalingPoints, rel_tolerance: float = 0.05) -> list[np.ndarray]:
+    """Indices of points whose compute lies within a factor (1 + rel_tolerance) of their group's
+    smallest, by increasing compute."""
+    groups: list[list[int]] = []
+    for idx in np.argsort(points.compute, kind="stable"):
+        if groups and points.compute[idx] <= points.compute[groups[-1][0]] * (1 + rel_tolerance):
+            groups[-1].append(int(idx))
+        else:
+            groups.append([int(idx)])
+    return [np.array(g) for g in groups]
+
+
+def _parabola(log_n: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """(curvature, slope, intercept) of loss as a parabola in log N."""
+    return np.polyfit(log_n, loss, 2)
+
+
 def isoflop_optima(points: ScalingPoints, rel_tolerance: float = 0.05, min_sizes: int = 3) -> IsoFlopOptima:
-    """Groups points whose compute lies within a factor (1 + rel_tolerance) of the group's smallest,
-    fits loss as a parabola in log N per group of at least `min_sizes` distinct N, and takes its minimum.
+    """Fits loss as a parabola in log N per IsoFLOP group (`isoflop_groups`) of at least `min_sizes`
+    distinct N, and takes its minimum.
 
     Groups whose parabola opens downwards or whose minimum lies outside the sampled N are skipped: their
     optimum is not bracketed.
     """
-    order = np.argsort(points.compute)
-    compute = points.compute[order]
-    groups: list[list[int]] = []
-    for idx, c in zip(order, compute):
-        if groups and c <= points.compute[groups[-1][0]] * (1 + rel_tolerance):
-            groups[-1].append(idx)
-        else:
-            groups.append([idx])
     rows = []
-    for group in groups:
+    for group in isoflop_groups(points, rel_tolerance):
         log_n, loss = np.log(points.n_params[group]), points.loss[group]
         if len(np.unique(log_n)) < min_sizes:
             continue
-        curvature, slope, intercept = np.polyfit(log_n, loss, 2)
+        curvature, slope, intercept = _parabola(log_n, loss)
         vertex = -slope / (2 * curvature)
         if curvature <= 0 or not log_n.min() <= vertex <= log_n.max():
             continue
@@ -494,6 +574,48 @@ def isoflop_optima(points: ScalingPoints, rel_tolerance: float = 0.05, min_sizes
     if len(rows) < 2:
         raise ValueError(f"isoflop_optima: {len(rows)} IsoFLOP group(s) with a bracketed minimum; need >= 2")
     return IsoFlopOptima(*map(np.array, zip(*rows)))
+
+
+ISOFLOP_NAMES = ("n_opt_coefficient", "n_opt_exponent", "d_opt_coefficient", "d_opt_exponent")
+
+
+def bootstrap_isoflop(points: ScalingPoints, n_resamples: int, rel_tolerance: float = 0.05, seed: int = 0,
+                      level: float = 0.95, min_sizes: int = 3) -> dict[str, Any]:
+    """Intervals of Approach 2's power laws N_opt = k C^a, D_opt = k' C^b by a residual bootstrap.
+
+    An IsoFLOP profile holds a handful of sizes, too few to resample points (a resample often keeps
+    fewer than three distinct N), so each resample adds residuals drawn with replacement from all
+    groups' parabola fits to those fits, and refits the parabolas and the power laws. Resamples that
+    leave fewer than two bracketed optima are counted in `n_failed`.
+    """
+    if n_resamples < 2:
+        raise ValueError(f"bootstrap_isoflop: n_resamples must be >= 2, got {n_resamples}")
+    fitted, residuals = points.loss.copy(), []
+    for group in isoflop_groups(points, rel_tolerance):
+        log_n = np.log(points.n_params[group])
+        if len(np.unique(log_n)) >= min_sizes:
+            fitted[group] = np.polyval(_parabola(log_n, points.loss[group]), log_n)
+            residuals.append(points.loss[group] - fitted[group])
+    pool = np.concatenate(residuals) if residuals else np.zeros(1)
+    # Residuals of a 3-parameter fit to k points shrink by sqrt((k - 3) / k) on average: undo that.
+    dof = sum(len(r) for r in residuals) - 3 * len(residuals)
+    pool = pool * math.sqrt(len(pool) / dof) if dof > 0 else pool
+    rng = np.random.default_rng(seed)
+    samples, failed = [], 0
+    for _ in range(n_resamples):
+        loss = np.maximum(fitted + rng.choice(pool, size=len(fitted)), 1e-9)
+        resampled = dataclasses.replace(points, loss=loss)
+        try:
+            laws = isoflop_optima(resampled, rel_tolerance, min_sizes).power_laws()
+        except ValueError:
+            failed += 1
+            continue
+        samples.append([laws["n_opt"].coefficient, laws["n_opt"].exponent, laws["d_opt"].coefficient,
+                        laws["d_opt"].exponent])
+    if len(samples) < 2:
+        raise RuntimeError(f"bootstrap_isoflop: only {len(samples)} of {n_resamples} resamples had two bracketed optima")
+    return {"n_resamples": n_resamples, "n_failed": failed, "level": level,
+            "intervals": percentile_intervals(np.array(samples), ISOFLOP_NAMES, level)}
 
 
 # ----------------------------------------------------------------------------------------- plot

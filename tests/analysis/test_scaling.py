@@ -16,11 +16,14 @@ from analysis import scaling
 from analysis.scaling import (
     COARSE_GRID,
     HOFFMANN_GRID,
+    AdditiveLaw,
     ChinchillaLaw,
     InitGrid,
     ScalingPoints,
     bootstrap,
+    bootstrap_isoflop,
     collect_runs,
+    compute_optimal_numeric,
     fit_chinchilla,
     fit_power_law,
     huber_objective,
@@ -317,3 +320,76 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         scaling.main([f"--csv={tmp_path / 'absent.csv'}"])
     assert exit_info.value.code == 2 and "absent.csv" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- the additive form, Approach 2 with noise
+# The code law's published Python exponents, with scales that put the losses in a trained model's range.
+CODE_LAW = AdditiveLaw(Nc=2e5, Dc=5e8, alpha_N=0.221, alpha_D=1.217, L_inf=0.566)
+
+
+def test_additive_form_is_chinchilla_reparametrised():
+    law = CODE_LAW.to_chinchilla()
+    n, d = np.geomspace(1e6, 1e10, 5), np.geomspace(1e8, 1e12, 5)
+    np.testing.assert_allclose(law.loss(n, d), CODE_LAW.loss(n, d), rtol=1e-12)
+    back = AdditiveLaw.from_chinchilla(law)
+    for name in scaling.ADDITIVE_NAMES:
+        assert relative_error(getattr(back, name), getattr(CODE_LAW, name)) < 1e-12, name
+
+
+def test_additive_law_recovered_within_bootstrap_intervals():
+    """Noisy losses (0.5%, multiplicative) from known additive-law coefficients: every coefficient lies
+    inside its 95% bootstrap interval, and the intervals are not vacuous."""
+    n, d = np.meshgrid(np.geomspace(1e6, 1e9, 7), np.geomspace(1e8, 1e11, 7))
+    loss = CODE_LAW.loss(n, d) * np.exp(0.005 * np.random.default_rng(7).standard_normal(n.shape))
+    points = ScalingPoints(n.ravel(), d.ravel(), loss.ravel())
+    fit = fit_chinchilla(points, SMALL_GRID)
+    intervals = bootstrap(points, fit, n_resamples=80, seed=0).additive_intervals()
+    for name in scaling.ADDITIVE_NAMES:
+        truth, bounds = getattr(CODE_LAW, name), intervals[name]
+        assert bounds["low"] < truth < bounds["high"], (name, truth, bounds)
+        assert bounds["high"] / bounds["low"] < 3, (name, bounds)  # informative, not vacuous
+
+
+def test_isoflop_power_laws_recovered_within_bootstrap_intervals():
+    """IsoFLOP profiles of a known Chinchilla law with 1% noise: Approach 2's frontier exponents and
+    coefficients (k in N_opt = k C^a) lie in their residual-bootstrap intervals."""
+    budgets = np.geomspace(1e18, 1e21, 4)
+    n_opt, _ = HOFFMANN.compute_optimal(budgets)
+    sizes = n_opt[:, None] * np.geomspace(1 / 8, 8, 7)[None, :]
+    tokens = budgets[:, None] / (6 * sizes)
+    loss = HOFFMANN.loss(sizes, tokens) * np.exp(0.01 * np.random.default_rng(1).standard_normal(sizes.shape))
+    points = ScalingPoints(sizes.ravel(), tokens.ravel(), loss.ravel())
+    result = bootstrap_isoflop(points, n_resamples=200, rel_tolerance=0.01, seed=0)
+    a, b = HOFFMANN.optimal_exponents
+    g = (HOFFMANN.alpha * HOFFMANN.A / (HOFFMANN.beta * HOFFMANN.B)) ** (1 / (HOFFMANN.alpha + HOFFMANN.beta))
+    truth = {"n_opt_exponent": a, "d_opt_exponent": b, "n_opt_coefficient": g * 6.0**-a,
+             "d_opt_coefficient": 6.0**-b / g}
+    for name, value in truth.items():
+        bounds = result["intervals"][name]
+        assert bounds["low"] < value < bounds["high"], (name, value, bounds)
+    assert result["intervals"]["n_opt_exponent"]["high"] - result["intervals"]["n_opt_exponent"]["low"] < 0.2
+    assert result["n_failed"] < 20
+
+
+def test_bootstrap_isoflop_widens_with_noise():
+    budgets = np.geomspace(1e18, 1e21, 4)
+    n_opt, _ = HOFFMANN.compute_optimal(budgets)
+    sizes = n_opt[:, None] * np.geomspace(1 / 8, 8, 7)[None, :]
+    tokens = budgets[:, None] / (6 * sizes)
+    widths = []
+    for noise in (0.002, 0.01):
+        loss = HOFFMANN.loss(sizes, tokens) * np.exp(noise * np.random.default_rng(1).standard_normal(sizes.shape))
+        result = bootstrap_isoflop(ScalingPoints(sizes.ravel(), tokens.ravel(), loss.ravel()), 50, 0.01)
+        widths.append(result["intervals"]["n_opt_exponent"]["std"])
+    assert widths[0] < widths[1]
+
+
+def test_compute_optimal_numeric_matches_the_closed_form_under_6nd():
+    budgets = np.array([1e18, 5.76e23])
+    n_closed, d_closed = HOFFMANN.compute_optimal(budgets)
+    n_num, d_num = compute_optimal_numeric(HOFFMANN.loss, budgets, lambda n: 6.0 * n)
+    np.testing.assert_allclose(n_num, n_closed, rtol=3e-3)
+    np.testing.assert_allclose(n_num * d_num * 6, budgets, rtol=1e-12)
+    # A model whose FLOPs per token carry a fixed extra cost (an LM head) trains fewer tokens: smaller D*.
+    _, d_head = compute_optimal_numeric(HOFFMANN.loss, budgets, lambda n: 6.0 * n + 6.0 * 5e8)
+    assert np.all(d_head < d_num)
