@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -323,6 +325,160 @@ def _write_json_if_changed(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---- the multi-language corpus -------------------------------------------------------------------
+# Python plus the other languages this machine holds, one ArrayRecord source per language (tagged
+# "lang"), a shared tokenizer, and the same held-out rule by path. The default corpus above is
+# untouched: the quickstart never reads this one.
+
+MULTI_OUT_DIR = "artifacts/corpus_multi"
+MULTI_VOCAB_SIZE = 4096  # smaller than the default's: the scaling sweep's models are tiny
+MULTI_MAX_BYTES = 3 * 1024 * 1024  # per language, so no language dominates the tokenizer
+MULTI_LAYOUT_VERSION = 1
+# Lines this long mark minified or generated code (bundled JavaScript, embedded tables).
+MAX_LINE_CHARS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageSource:
+    """Where one language's files come from: directories scanned for `suffixes`, or zip archives."""
+
+    lang: str
+    repo: str
+    roots: tuple[Path, ...]
+    suffixes: tuple[str, ...]
+
+
+def _jdk_source_zips() -> tuple[Path, ...]:
+    found = {p.resolve() for p in Path("/usr/lib/jvm").glob("*/lib/src.zip") if p.resolve().is_file()}
+    return tuple(sorted(found))[-1:]  # one JDK: several versions would repeat the same classes
+
+
+def _npm_roots() -> tuple[Path, ...]:
+    return tuple(p for p in (Path("/usr/lib/node_modules"), Path("/usr/local/lib/node_modules")) if p.is_dir())
+
+
+def available_languages() -> dict[str, LanguageSource]:
+    """The languages whose sources this machine holds: Python (the stdlib) always; C (system headers),
+    JavaScript (globally installed npm packages) and Java (the JDK's src.zip) when present."""
+    candidates = [
+        LanguageSource("python", f"cpython-{sys.version_info.major}.{sys.version_info.minor}", (stdlib_dir(),), (".py",)),
+        LanguageSource("c", "usr-include", (Path("/usr/include"),), (".h",)),
+        LanguageSource("javascript", "npm-global", _npm_roots(), (".js", ".mjs", ".cjs")),
+        LanguageSource("java", "jdk-src", _jdk_source_zips(), (".java",)),
+    ]
+    return {s.lang: s for s in candidates if any(r.exists() for r in s.roots)}
+
+
+def _language_files(source: LanguageSource) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(relative path, reader) for each file of the language, directories walked in sorted order."""
+    for root in source.roots:
+        if root.is_file() and zipfile.is_zipfile(root):
+            archive = zipfile.ZipFile(root)
+            for name in sorted(archive.namelist()):
+                if name.endswith(source.suffixes) and "/test/" not in name:
+                    yield f"{root.name}/{name}", functools.partial(archive.read, name)
+            continue
+        for directory, subdirs, files in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if d not in EXCLUDED_DIRS and d not in ("node_modules", "dist"))
+            for name in sorted(files):
+                if name.endswith(source.suffixes) and ".min." not in name:
+                    path = Path(directory) / name
+                    yield f"{root.name}/{path.relative_to(root).as_posix()}", path.read_bytes
+
+
+def collect_language(source: LanguageSource, max_bytes: int = MULTI_MAX_BYTES) -> Documents:
+    """A language's usable files (the default corpus's rules, plus no minified lines), chosen in a
+    stable hash order of their paths until `max_bytes`, so the sample spans the whole tree."""
+    skipped = {"empty": 0, "generated": 0, "too_large": 0, "not_utf8": 0, "minified": 0}
+    by_split: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    digest = hashlib.sha256(f"multi={MULTI_LAYOUT_VERSION};heldout={HELDOUT_PERMILLE};lang={source.lang}".encode())
+    total = 0
+    candidates = sorted((hashlib.sha256(rel.encode()).digest(), rel, read) for rel, read in _language_files(source))
+    for _, relative, read in candidates:
+        if total >= max_bytes:
+            break
+        data = read()
+        reason = _skip_reason(data)
+        if reason is None and max(map(len, data.splitlines()), default=0) > MAX_LINE_CHARS:
+            reason = "minified"
+        if reason is None and total + len(data) > max_bytes:
+            continue
+        if reason is None:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                reason = "not_utf8"
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        total += len(data)
+        split = "validation" if is_heldout(relative) else "train"
+        by_split[split].append({"text": text, "path": relative, "repo": source.repo, "lang": source.lang})
+        digest.update(f"{relative}\0{len(data)}\0".encode())
+        digest.update(hashlib.sha256(data).digest())
+    if not by_split["train"] or not by_split["validation"]:
+        raise ValueError(f"{source.lang}: too few usable files under {source.roots} for both splits (skipped: {skipped})")
+    for docs in by_split.values():
+        docs.sort(key=lambda r: r["path"])
+    return Documents(by_split, skipped, digest.hexdigest())
+
+
+def multi_arrayrecord_pattern(out_dir: str | os.PathLike[str], lang: str, split: str) -> str:
+    """Glob of one language's ArrayRecord shards of a split in a multi-language corpus."""
+    return f"{os.fspath(out_dir)}/arrayrecord/{lang}/{split}-*.array_record"
+
+
+def ensure_multilang_corpus(
+    out_dir: str | os.PathLike[str] = MULTI_OUT_DIR,
+    languages: Sequence[str] = ("python", "c", "javascript", "java"),
+    vocab_size: int = MULTI_VOCAB_SIZE,
+    max_bytes: int = MULTI_MAX_BYTES,
+) -> Path:
+    """Builds (or verifies) the multi-language corpus: `arrayrecord/<lang>/{train,validation}-*`
+    per language, one tokenizer over every language's train split, and stats.json; returns out_dir.
+
+    Raises ValueError naming the languages asked for that this machine does not hold."""
+    out_dir = Path(out_dir)
+    languages = sorted(languages)  # the tokenizer (and its fingerprint) do not depend on the order asked
+    available = available_languages()
+    missing = [lang for lang in languages if lang not in available]
+    if missing:
+        raise ValueError(f"languages {missing} not on this machine; available: {sorted(available)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir):
+        stats = _read_stats(out_dir / "stats.json")
+        corpus = stats.get("corpus", {})
+        documents = {lang: collect_language(available[lang], max_bytes) for lang in languages}
+        for lang, docs in documents.items():
+            recorded = corpus.get(lang, {})
+            shard_dir = out_dir / "arrayrecord" / lang
+            present = {split: sorted(p.name for p in shard_dir.glob(f"{split}-*.array_record")) for split in SPLITS}
+            if recorded.get("fingerprint") == docs.fingerprint and recorded.get("shards") == present:
+                continue
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            shard_dir.mkdir(parents=True)
+            for split in SPLITS:
+                shards = _shard(docs.by_split[split], SHARD_BYTES)
+                for index, shard in enumerate(shards):
+                    write_array_record(shard_dir / f"{split}-{index:05d}-of-{len(shards):05d}.array_record", shard)
+            _log(f"{lang}: wrote {({s: len(d) for s, d in docs.by_split.items()})} files (skipped {docs.skipped})")
+            corpus[lang] = {
+                "fingerprint": docs.fingerprint,
+                "files": {split: len(d) for split, d in docs.by_split.items()},
+                "bytes": {split: sum(len(r["text"].encode()) for r in d) for split, d in docs.by_split.items()},
+                "skipped_files": docs.skipped,
+                "shards": {split: sorted(p.name for p in shard_dir.glob(f"{split}-*.array_record")) for split in SPLITS},
+            }
+        stats["corpus"] = corpus
+        combined = hashlib.sha256("".join(corpus[lang]["fingerprint"] for lang in languages).encode()).hexdigest()
+        merged = Documents({split: [r for lang in languages for r in documents[lang].by_split[split]] for split in SPLITS},
+                           {}, combined)
+        paths = dataclasses.replace(_paths(out_dir), stats=out_dir / "stats.json")
+        stats["tokenizer"] = _ensure_tokenizer(paths, merged, stats.get("tokenizer", {}), vocab_size)
+        _write_json_if_changed(out_dir / "stats.json", stats)
+    return out_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,43 @@
+"""IsoFLOP profiles of tiny code models on the embedded multi-language corpus (a CPU benchmark).
+
+    python -m train.sweep --config=configs/sweeps/code_isoflop.py
+    python -m analysis.report --results=results/scaling/code_isoflop.jsonl --out_dir=results/scaling
+
+Five sizes (25k-790k non-embedding parameters) x three compute budgets (FLOPs by the model's own
+formula, 2x apart): every size sees three token budgets, D = C / flops_per_token(N). WSD with a 20%
+decay: each size's longest run is the trunk the shorter budgets branch from.
+"""
+
+from ml_collections import ConfigDict
+
+
+def size(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, d_ff: int) -> dict:
+    return {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+            "head_dim": d_model // n_heads, "d_ff": d_ff}
+
+
+def get_config(arg: str = "") -> ConfigDict:
+    del arg
+    cfg = ConfigDict()
+    cfg.name = "code_isoflop"
+    cfg.kind = "isoflop"
+    cfg.base_config = "configs/sweeps/code_mix.py"
+    cfg.base_overrides = {}
+    cfg.output_dir = "runs/sweeps/code_isoflop"
+    cfg.results = "results/scaling/code_isoflop.jsonl"
+    cfg.seeds = (0,)
+    cfg.sizes = {
+        "d32": size(32, 2, 2, 1, 96),
+        "d48": size(48, 2, 2, 1, 128),
+        "d64": size(64, 3, 4, 2, 192),
+        "d96": size(96, 3, 4, 2, 256),
+        "d128": size(128, 4, 4, 2, 384),
+    }
+    cfg.compute_budgets = (5e11, 1e12, 2e12)
+    cfg.min_steps = 40
+    cfg.max_steps = 1000
+    cfg.lr = {"kind": "fixed", "value": 4e-3}
+    cfg.batch_tokens = {"kind": "fixed", "value": 2048.0}
+    cfg.decay_fraction = 0.2
+    cfg.branch = True
+    return cfg
