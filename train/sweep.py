@@ -182,7 +182,8 @@ def expand(sweep: SweepConfig) -> list[RunSpec]:
     """The sweep's runs, trunks before their branches."""
     if sweep.kind == "ablation":
         steps = {"train.steps": sweep.steps} if sweep.steps else {}
-        return [RunSpec(f"{row}-s{seed}", {**flatten(overrides), **steps, **_seed(seed)}, {"row": row, "seed": seed})
+        return [RunSpec(f"{row}-s{seed}", {**flatten(overrides), **steps, **_seed(seed)},
+                        {"row": row, "seed": seed, "baseline": sweep.baseline})
                 for row, overrides in sweep.rows.items() for seed in sweep.seeds]
     base = resolve(sweep, {})
     runs: list[RunSpec] = []
