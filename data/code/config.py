@@ -67,6 +67,7 @@ def default_prepare_config() -> ml_collections.ConfigDict:
     config.near_dedup.bands = 0  # 0: chosen from threshold and num_perm (`minhash.lsh_parameters`)
     config.near_dedup.rows = 0
     config.near_dedup.verify = True  # confirm LSH candidates by estimated Jaccard >= threshold
+    config.near_dedup.candidates = 16  # each bucket member is compared with the bucket's first 16
     config.near_dedup.cc_rounds = 12  # Beam: large-star/small-star rounds of the connected components
 
     config.pii = ml_collections.ConfigDict()
@@ -147,6 +148,7 @@ def validate_prepare_config(config: ml_collections.ConfigDict) -> None:
     _check(config, "near_dedup.threshold", lambda v: _is_number(v) and 0.0 < v < 1.0, "a number in (0, 1)")
     _check(config, "near_dedup.bands", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(config, "near_dedup.rows", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(config, "near_dedup.candidates", positive, "a positive integer")
     _check(config, "near_dedup.cc_rounds", positive, "a positive integer")
     num_perm = config.near_dedup.num_perm
     _check(

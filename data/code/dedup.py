@@ -4,22 +4,22 @@ local driver (streaming, below) and the Beam pipeline (`data.curation`, group-by
 Documents are identified by their position in the input order (an int, smaller = earlier) and
 each duplicate cluster keeps its earliest document:
   exact  documents with equal `content_hash` form a cluster.
-  near   the clusters are the connected components of a graph whose edges are *star edges of
-         LSH buckets*: in every bucket (one band key) the earliest member is joined to each other
-         member whose MinHash signature agrees with its on at least `threshold` of the entries
-         (estimated Jaccard; `verify=False` joins them all). Star edges keep the candidate pairs
-         linear in the number of documents however large a bucket grows, and the components are
-         the same whatever engine computes them (a union-find here, large-star/small-star
-         rounds in Beam), unlike a greedy "first kept match" rule, which depends on the order
-         decisions are taken in.
-Near deduplication runs on the survivors of exact deduplication; an exact duplicate's signature
-and band keys equal its original's, so adding it to the graph only adds edges parallel to the
-original's and changes no component of the survivors (the Beam pipeline relies on this).
+  near   the clusters are the connected components of a graph of *verified LSH candidate
+         pairs*: in every bucket (one band key) each member is paired with each of the bucket's
+         first `candidates` members that comes before it (so a bucket of up to candidates + 1
+         members compares all its pairs, and a larger one stays linear in its size), and a pair is
+         an edge when the two MinHash signatures agree on at least `threshold` of the entries
+         (estimated Jaccard; `verify=False` takes every pair). The rule needs only earlier
+         documents, so it streams, and its components are the same whatever engine computes them
+         (a union-find here, large-star/small-star rounds in Beam), unlike a greedy "first kept
+         match" rule, which depends on the order decisions are taken in.
+Near deduplication runs on the survivors of exact deduplication.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -48,24 +48,36 @@ class ExactDeduplicator:
 
 
 def is_near_duplicate(signature_a: np.ndarray, signature_b: np.ndarray, threshold: float, verify: bool) -> bool:
-    """Whether a star edge joins two documents of one LSH bucket."""
+    """Whether a candidate pair of one LSH bucket is an edge."""
     return not verify or minhash.estimate_jaccard(signature_a, signature_b) >= threshold
 
 
-class NearDuplicateGraph:
-    """Star edges of LSH buckets, added one document at a time in input order, and a union-find
-    over them whose roots are the earliest document of each connected component.
+def bucket_pairs(members: Iterable[int], candidates: int) -> Iterator[tuple[int, int]]:
+    """(earlier, later) candidate pairs of one LSH bucket: each member with each of the bucket's
+    first `candidates` members that comes before it."""
+    members = sorted(set(members))
+    for member in members[1:]:
+        for first in members[:candidates]:
+            if first >= member:
+                break
+            yield first, member
 
-    Memory: one dictionary entry per band key seen, the signature of every document that is the
-    earliest in one of its buckets (when verifying), and a parent entry per joined document.
+
+class NearDuplicateGraph:
+    """Verified LSH candidate pairs, added one document at a time in input order, and a
+    union-find over them whose roots are the earliest document of each connected component.
+
+    Memory: per band key seen, its first `candidates` members; the signatures of documents that
+    are among them somewhere (when verifying); a parent entry per joined document.
     """
 
-    def __init__(self, bands: int, rows: int, threshold: float, verify: bool = True):
+    def __init__(self, bands: int, rows: int, threshold: float, verify: bool = True, candidates: int = 16):
         self.bands = bands
         self.rows = rows
         self.threshold = threshold
         self.verify = verify
-        self._first_in_bucket: dict[int, int] = {}
+        self.candidates = candidates
+        self._first_members: dict[int, list[int]] = {}
         self._signatures: dict[int, np.ndarray] = {}
         self._parent: dict[int, int] = {}
 
@@ -77,14 +89,18 @@ class NearDuplicateGraph:
           keys: [bands] uint64 bucket keys (`minhash.band_keys`).
           signature: [num_perm] uint32 MinHash signature.
         """
-        first_anywhere = False
+        candidate_anywhere = False
         for key in keys.tolist():
-            first = self._first_in_bucket.setdefault(key, document)
-            if first == document:
-                first_anywhere = True
-            elif is_near_duplicate(self._signatures.get(first), signature, self.threshold, self.verify):
-                self._union(first, document)
-        if first_anywhere and self.verify:
+            members = self._first_members.setdefault(key, [])
+            for first in members:
+                if self._find(first) != self._find(document) and is_near_duplicate(
+                    self._signatures.get(first), signature, self.threshold, self.verify
+                ):
+                    self._union(first, document)
+            if len(members) < self.candidates:
+                members.append(document)
+                candidate_anywhere = True
+        if candidate_anywhere and self.verify:
             self._signatures[document] = signature
 
     def _find(self, document: int) -> int:

@@ -125,7 +125,9 @@ def prepare(
         counts[name] += value
 
     exact = dedup.ExactDeduplicator()
-    near = dedup.NearDuplicateGraph(file_stages.bands, file_stages.rows, config.near_dedup.threshold, config.near_dedup.verify)
+    near = dedup.NearDuplicateGraph(
+        file_stages.bands, file_stages.rows, config.near_dedup.threshold, config.near_dedup.verify, config.near_dedup.candidates
+    )
     writer = shards.ShardWriter(output_dir, config.output.prefix, config.output.records_per_shard, config.output.max_shard_bytes)
     items = inputs.read_inputs(
         input_paths, config_lib.split_list(config.read.exclude), config.read.single_repo, config.read.max_file_bytes,

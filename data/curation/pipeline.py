@@ -2,8 +2,9 @@
 
     read (trees listed on the launcher, files read in parallel; JSONL/Parquet per file)
       -> per-file stages, batched (`stages.FileStages`; the contamination index is a side input)
-      -> exact dedup: GroupByKey(content digest); every copy but the earliest is dropped
-      -> near dedup: (band key, doc) -> GroupByKey -> star pairs (earliest, member)
+      -> exact dedup: GroupByKey(content digest, with each copy's MinHash keys); every copy but
+                      the earliest is dropped, the earliest's keys go on to near dedup
+      -> near dedup: (band key, doc) -> GroupByKey -> candidate pairs (`dedup.bucket_pairs`)
                      -> signatures joined to both ends (two CoGroupByKeys) -> verified edges
                      -> connected components (`components`, large-star/small-star rounds)
                      -> every node but its component's earliest is dropped
@@ -38,8 +39,8 @@ from data.curation.components import ConnectedComponents
 
 class _FileStagesFn(beam.DoFn):
     """A batch of `InputFile`s -> kept files keyed by group key (main output), and the dedup
-    keys of each: 'digests' (digest, (doc, group key)), 'bands' (band key, doc),
-    'signatures' (doc, (signature bytes, group key))."""
+    keys of each, `_Keys` = (doc, group key, signature bytes, band keys): 'digests'
+    (digest, _Keys) when exact dedup is on, else 'survivors' (_Keys)."""
 
     def __init__(self, config: dict[str, Any], tokenizer: Any | None):
         self.config = config
@@ -67,41 +68,42 @@ class _FileStagesFn(beam.DoFn):
             kept = documents.KeptFile(item.doc_id, item.group, outcome.record, outcome.redacted_size, outcome.imports, outcome.tokens)
             key = documents.group_key(kept, self.config["repo"]["enabled"])
             yield key, (kept, outcome.size, outcome.pii_counts)
+            keys = (item.doc_id, key, outcome.signature.tobytes(), outcome.band_keys.tolist()) if near else (item.doc_id, key, None, None)
             if exact:
-                yield beam.pvalue.TaggedOutput("digests", (outcome.digest, (item.doc_id, key)))
-            if near:
-                yield beam.pvalue.TaggedOutput("signatures", (item.doc_id, (outcome.signature.tobytes(), key)))
-                for band_key in outcome.band_keys.tolist():
-                    yield beam.pvalue.TaggedOutput("bands", (band_key, item.doc_id))
+                yield beam.pvalue.TaggedOutput("digests", (outcome.digest, keys))
+            elif near:
+                yield beam.pvalue.TaggedOutput("survivors", keys)
 
 
-def _exact_drops(digest_members: tuple[bytes, Iterable[tuple[int, str]]]) -> Iterator[tuple[str, tuple[int, str, None]]]:
+def _exact_dedup(digest_members: tuple[bytes, Iterable[tuple]]) -> Iterator:
+    """The earliest copy's keys (main output: survivors); 'drops' (group key, (doc, 'exact', None))
+    for the other copies."""
     _, members = digest_members
-    for doc_id, key in sorted(members)[1:]:
-        yield key, (doc_id, "exact", None)
+    first, *copies = sorted(members, key=lambda keys: keys[0])
+    yield first
+    for doc_id, key, _, _ in copies:
+        yield beam.pvalue.TaggedOutput("drops", (key, (doc_id, "exact", None)))
 
 
-def _star_pairs(bucket: tuple[int, Iterable[int]]) -> Iterator[tuple[int, int]]:
-    """(member, earliest member) of one LSH bucket."""
-    members = set(bucket[1])
-    first = min(members)
-    for member in members - {first}:
-        yield member, first
+def _band_keys(keys: tuple) -> Iterator[tuple[int, int]]:
+    doc_id, _, _, band_keys = keys
+    for band_key in band_keys:
+        yield band_key, doc_id
 
 
 def _signature(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint32)
 
 
-def _to_firsts(joined: tuple[int, dict[str, list]]) -> Iterator[tuple[int, tuple[int, bytes, str]]]:
+def _to_earlier(joined: tuple[int, dict[str, list]]) -> Iterator[tuple[int, tuple[int, bytes, str]]]:
     member, groups = joined
     for signature, key in list(groups["signature"])[:1]:
-        for first in set(groups["firsts"]):
+        for first in set(groups["earlier"]):
             yield first, (member, signature, key)
 
 
 class _VerifiedEdges(beam.DoFn):
-    """(earliest, {signature, members}) -> edges (earliest, member) of near duplicates, and
+    """(earlier, {signature, members}) -> edges (earlier, member) of near duplicates, and
     'nodes' (doc, group key) for both ends."""
 
     def __init__(self, threshold: float, verify: bool):
@@ -226,32 +228,37 @@ def build(
     staged = (
         files
         | "batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_files)
-        | "per-file stages" >> beam.ParDo(_FileStagesFn(config.to_dict(), tokenizer), index_side).with_outputs("digests", "signatures", "bands", main="files")
+        | "per-file stages" >> beam.ParDo(_FileStagesFn(config.to_dict(), tokenizer), index_side).with_outputs("digests", "survivors", main="files")
     )
     decisions = []
+    survivors = staged.survivors
     if config.exact_dedup.enabled:
-        decisions.append(
+        exact = (
             shuffled(staged.digests, "exact digests")
             | "exact: by digest" >> beam.GroupByKey()
-            | "exact: drops" >> beam.FlatMap(_exact_drops)
+            | "exact: earliest copy" >> beam.FlatMap(_exact_dedup).with_outputs("drops", main="survivors")
         )
+        decisions.append(exact.drops)
+        survivors = exact.survivors
     unconverged = pipeline | "no components" >> beam.Create([0], reshuffle=False)
     if config.near_dedup.enabled:
+        candidates = config.near_dedup.candidates
         pairs = (
-            shuffled(staged.bands, "near band keys")
+            shuffled(survivors | "near: band keys" >> beam.FlatMap(_band_keys), "near band keys")
             | "near: by band key" >> beam.GroupByKey()
-            | "near: star pairs" >> beam.FlatMap(_star_pairs)
+            | "near: candidate pairs" >> beam.FlatMap(lambda bucket: dedup.bucket_pairs(bucket[1], candidates))
             | "near: distinct pairs" >> beam.Distinct()
+            | "near: by later" >> beam.Map(lambda pair: (pair[1], pair[0]))
         )
-        signatures = shuffled(staged.signatures, "near signatures")
-        to_firsts = (
-            {"signature": signatures, "firsts": shuffled(pairs, "near pairs")}
-            | "near: join members" >> beam.CoGroupByKey()
-            | "near: to earliest" >> beam.FlatMap(_to_firsts)
+        signatures = shuffled(survivors | "near: signatures" >> beam.Map(lambda keys: (keys[0], (keys[2], keys[1]))), "near signatures")
+        to_earlier = (
+            {"signature": signatures, "earlier": shuffled(pairs, "near pairs")}
+            | "near: join later" >> beam.CoGroupByKey()
+            | "near: to earlier" >> beam.FlatMap(_to_earlier)
         )
         edges = (
-            {"signature": signatures, "members": shuffled(to_firsts, "near pair signatures")}
-            | "near: join earliest" >> beam.CoGroupByKey()
+            {"signature": signatures, "members": shuffled(to_earlier, "near pair signatures")}
+            | "near: join earlier" >> beam.CoGroupByKey()
             | "near: verify" >> beam.ParDo(_VerifiedEdges(config.near_dedup.threshold, config.near_dedup.verify)).with_outputs("nodes", main="edges")
         )
         labels, unconverged = shuffled(edges.edges, "near edges") | "near: components" >> ConnectedComponents(config.near_dedup.cc_rounds)
