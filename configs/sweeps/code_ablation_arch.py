@@ -4,7 +4,7 @@
     python -m analysis.report --results=results/scaling/code_ablation_arch.jsonl --out_dir=results/scaling
 
 The base model (configs/sweeps/code_mix.py: d_model 64, 3 layers, 4 query heads sharing 2 KV heads,
-SwiGLU d_ff 192) trained for 200 steps (410k tokens); GELU's d_ff 288 keeps the MLP's parameter count.
+SwiGLU d_ff 192) trained for 100 steps (205k tokens); GELU's d_ff 288 keeps the MLP's parameter count.
 """
 
 from ml_collections import ConfigDict
@@ -26,5 +26,5 @@ def get_config(arg: str = "") -> ConfigDict:
         "gelu": {"model": {"mlp": "gelu", "d_ff": 288}},  # equal MLP parameters: 2 x 288 = 3 x 192
     }
     cfg.baseline = "baseline"
-    cfg.steps = 200
+    cfg.steps = 100
     return cfg

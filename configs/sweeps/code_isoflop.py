@@ -3,8 +3,10 @@
     python -m train.sweep --config=configs/sweeps/code_isoflop.py
     python -m analysis.report --results=results/scaling/code_isoflop.jsonl --out_dir=results/scaling
 
-Five sizes (25k-790k non-embedding parameters) x three compute budgets (FLOPs by the model's own
-formula, 2x apart): every size sees three token budgets, D = C / flops_per_token(N). WSD with a 20%
+Four sizes (25k-305k non-embedding parameters) x three compute budgets (FLOPs by the model's own
+formula, 2x apart): every size sees three token budgets, D = C / flops_per_token(N), except the
+largest at the smallest budget (26 steps, under min_steps). Sized for a 2-core CPU shared with other
+jobs: about 25 minutes. WSD with a 20%
 decay: each size's longest run is the trunk the shorter budgets branch from.
 """
 
@@ -31,10 +33,9 @@ def get_config(arg: str = "") -> ConfigDict:
         "d48": size(48, 2, 2, 1, 128),
         "d64": size(64, 3, 4, 2, 192),
         "d96": size(96, 3, 4, 2, 256),
-        "d128": size(128, 4, 4, 2, 384),
     }
-    cfg.compute_budgets = (5e11, 1e12, 2e12)
-    cfg.min_steps = 40
+    cfg.compute_budgets = (2.5e11, 5e11, 1e12)
+    cfg.min_steps = 30
     cfg.max_steps = 1000
     cfg.lr = {"kind": "fixed", "value": 4e-3}
     cfg.batch_tokens = {"kind": "fixed", "value": 2048.0}
