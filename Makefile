@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps quickstart sft rl lint test test-slow bench clean
+.PHONY: install system-deps quickstart lifecycle sft rl lint test test-slow bench clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,14 +14,24 @@ $(STAMP): requirements.txt requirements-test.txt
 
 install: $(STAMP)
 
-# bubblewrap isolates the code-execution service (sandbox/); Debian package, installed once.
+# Debian packages, installed once: bubblewrap isolates the code-execution service (sandbox/); Chromium
+# renders the lifecycle report in its test (tests/lifecycle/test_report.py).
+SYSTEM_PACKAGES := bwrap:bubblewrap chromium:chromium
 system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
-	  else echo "bubblewrap missing: sudo apt-get install bubblewrap"; exit 1; fi; }
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 quickstart: install
 	$(PY) -m train.pretrain --config=configs/quickstart.py
+
+# The whole lifecycle on the embedded default: corpus, curation, pretraining, SFT, RL against a private
+# execution service, pass@k of every checkpoint, and a report (runs/lifecycle/report/report.html).
+# Finished stages are skipped and an interrupted one resumes when the command runs again.
+lifecycle: install system-deps
+	$(PY) -m lifecycle.run --config=configs/lifecycle/default.py
 
 # Fine-tunes the main job's model (runs/quickstart; run `make quickstart` first) on the embedded SFT
 # set, with held-out loss and pass@1 on held-out problems through a private execution service.

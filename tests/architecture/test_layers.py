@@ -3,13 +3,15 @@
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("configs", "data", "models", "train", "rl", "evals", "sandbox", "bench")
+PACKAGES = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"])
+LAYERS = "Layers, lowest last"  # the layers contract (configs <- data <- models <- evals <- analysis <- train <- rl <- lifecycle)
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -34,13 +36,14 @@ def test_the_contracts_hold():
 
 
 @pytest.mark.parametrize("module, back_edge, contract", [
-    ("models/decoder.py", "import train.trainer", "Layers: configs <- data <- models <- evals <- train <- rl"),
-    ("configs/schema.py", "import data.config", "Layers: configs <- data <- models <- evals <- train <- rl"),
-    ("data/pipeline.py", "import models.config", "Layers: configs <- data <- models <- evals <- train <- rl"),
-    ("train/step.py", "import rl", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("models/decoder.py", "import train.trainer", LAYERS),
+    ("configs/schema.py", "import data.config", LAYERS),
+    ("data/pipeline.py", "import models.config", LAYERS),
+    ("train/step.py", "import rl", LAYERS),
     ("sandbox/api.py", "import configs.schema", "The execution service imports nothing of codelm"),
     ("evals/harness.py", "import train.trainer", "Evaluation uses the model stack and the sandbox client"),
-    ("models/sampler.py", "import evals.harness", "Layers: configs <- data <- models <- evals <- train <- rl"),
+    ("models/sampler.py", "import evals.harness", LAYERS),
+    ("rl/train.py", "import lifecycle.run", LAYERS),
     ("train/trainer.py", "import bench.train_step", "Nothing imports benchmarks"),
     ("data/tokenizer.py", "import data.hf_tokenizer", "Tokenizers: the interface below its implementations"),
 ])
