@@ -52,7 +52,12 @@ def main(argv: list[str]) -> None:
         tokenizer = load_tokenizer(_TOKENIZER.value)
     logging.info("prepare: %s -> %s", _INPUT.value, _OUTPUT_DIR.value)
     if _RUNNER.value:
-        from data.curation import pipeline  # noqa: PLC0415  (apache-beam lives in its own environment)
+        try:
+            from data.curation import pipeline  # noqa: PLC0415  (apache-beam lives in its own environment)
+        except ModuleNotFoundError as error:
+            raise app.UsageError(
+                f"--runner needs the Beam environment ({error}): pip install -r launch/dataflow_requirements.txt in a separate venv"
+            ) from None
 
         report = pipeline.run(_INPUT.value, _OUTPUT_DIR.value, _CONFIG.value, tokenizer, [f"--runner={_RUNNER.value}", *argv[1:]])
     else:
