@@ -523,6 +523,36 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token as 6 N + k N^g in the non-embedding parameter count N.
+
+    6 N is the parameters' share; k N^g is what is left (the LM head, V d, and attention), which grows
+    slower than N: g = 0 for a fixed head, ~1/2 when the head grows with d and N with d^2. Dominant in
+    small models, it vanishes relative to 6 N in large ones, so the fit extrapolates to 6 N D.
+    """
+
+    coefficient: float
+    exponent: float
+
+    def __call__(self, n_params: np.ndarray | float) -> np.ndarray:
+        n = np.asarray(n_params, np.float64)
+        return 6.0 * n + self.coefficient * np.power(n, self.exponent)
+
+    @classmethod
+    def fit(cls, n_params: np.ndarray, flops_per_token: np.ndarray) -> FlopsPerToken:
+        """Least squares in log space over runs: n_params, flops_per_token [K], with the remainder
+        flops_per_token - 6 N > 0 (one distinct N gives exponent 0)."""
+        n, fpt = np.asarray(n_params, np.float64), np.asarray(flops_per_token, np.float64)
+        rest = fpt - 6.0 * n
+        if np.any(rest <= 0):
+            raise ValueError("FlopsPerToken.fit: flops_per_token must exceed 6 N (the LM head and attention add to it)")
+        if len(np.unique(n)) < 2:
+            return cls(float(rest.mean()), 0.0)
+        law = fit_power_law(n, rest)
+        return cls(law.coefficient, law.exponent)
+
+
+@dataclasses.dataclass(frozen=True)
 class IsoFlopOptima:
     """Per IsoFLOP group: compute [G] (geometric mean), the parabola's optimal N [G] and its loss [G]."""
 
@@ -530,10 +560,14 @@ class IsoFlopOptima:
     n_opt: np.ndarray
     loss_opt: np.ndarray
 
-    def power_laws(self) -> dict[str, PowerLaw]:
-        """N_opt(C) and D_opt(C) = C / (6 N_opt) as power laws in C (Hoffmann et al. Approach 2)."""
+    def d_opt(self, flops_per_token: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """D at each optimum [G]: C / (6 N_opt), or C / flops_per_token(N_opt) for a model's own formula."""
+        return self.compute / (flops_per_token(self.n_opt) if flops_per_token else 6.0 * self.n_opt)
+
+    def power_laws(self, flops_per_token: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, PowerLaw]:
+        """N_opt(C) and D_opt(C) (see `d_opt`) as power laws in C (Hoffmann et al. Approach 2)."""
         return {"n_opt": fit_power_law(self.compute, self.n_opt),
-                "d_opt": fit_power_law(self.compute, self.compute / (6.0 * self.n_opt))}
+                "d_opt": fit_power_law(self.compute, self.d_opt(flops_per_token))}
 
 
 def isoflop_groups(points: ScalingPoints, rel_tolerance: float = 0.05) -> list[np.ndarray]:
@@ -580,7 +614,8 @@ ISOFLOP_NAMES = ("n_opt_coefficient", "n_opt_exponent", "d_opt_coefficient", "d_
 
 
 def bootstrap_isoflop(points: ScalingPoints, n_resamples: int, rel_tolerance: float = 0.05, seed: int = 0,
-                      level: float = 0.95, min_sizes: int = 3) -> dict[str, Any]:
+                      level: float = 0.95, min_sizes: int = 3,
+                      flops_per_token: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
     """Intervals of Approach 2's power laws N_opt = k C^a, D_opt = k' C^b by a residual bootstrap.
 
     An IsoFLOP profile holds a handful of sizes, too few to resample points (a resample often keeps
@@ -606,7 +641,7 @@ def bootstrap_isoflop(points: ScalingPoints, n_resamples: int, rel_tolerance: fl
         loss = np.maximum(fitted + rng.choice(pool, size=len(fitted)), 1e-9)
         resampled = dataclasses.replace(points, loss=loss)
         try:
-            laws = isoflop_optima(resampled, rel_tolerance, min_sizes).power_laws()
+            laws = isoflop_optima(resampled, rel_tolerance, min_sizes).power_laws(flops_per_token)
         except ValueError:
             failed += 1
             continue
