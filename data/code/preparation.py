@@ -137,7 +137,7 @@ def prepare(
     progress = _Progress(counts, writer, started, config.progress_seconds)
     # Per spilled file: doc_id, size as read, group key.
     spilled: list[tuple[int, int, str]] = []
-    spill = array_record_module.ArrayRecordWriter(spill_path, "group_size:1")
+    spill = array_record_module.ArrayRecordWriter(spill_path, "group_size:1,uncompressed")
     try:
         with writer:
             for batch, outcomes in _ordered_map(_run_worker, file_stages, _batches(items, config.batch_files, config.batch_bytes), workers):
