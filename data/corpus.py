@@ -37,7 +37,7 @@ import sysconfig
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from data.sources import Record, write_array_record
@@ -435,14 +435,17 @@ def ensure_multilang_corpus(
     languages: Sequence[str] = ("python", "c", "javascript", "java"),
     vocab_size: int = MULTI_VOCAB_SIZE,
     max_bytes: int = MULTI_MAX_BYTES,
+    *,
+    sources: Mapping[str, LanguageSource] | None = None,
 ) -> Path:
     """Builds (or verifies) the multi-language corpus: `arrayrecord/<lang>/{train,validation}-*`
     per language, one tokenizer over every language's train split, and stats.json; returns out_dir.
 
-    Raises ValueError naming the languages asked for that this machine does not hold."""
+    sources: where each language's files are (default: `available_languages()`). Raises ValueError
+    naming the languages asked for that are not there."""
     out_dir = Path(out_dir)
     languages = sorted(languages)  # the tokenizer (and its fingerprint) do not depend on the order asked
-    available = available_languages()
+    available = available_languages() if sources is None else dict(sources)
     missing = [lang for lang in languages if lang not in available]
     if missing:
         raise ValueError(f"languages {missing} not on this machine; available: {sorted(available)}")
