@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-deps quickstart lifecycle sft rl lint test test-slow bench clean
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-reference.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-reference.txt
 	touch $(STAMP)
 
 install: $(STAMP)
