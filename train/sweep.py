@@ -93,6 +93,7 @@ class SweepConfig:
     max_steps: Annotated[int, Field(ge=1)] = 10**9
     lr: Rule = Rule(value=3e-4)
     batch_tokens: Rule = Rule(value=0.0)  # tokens per step; 0: the base config's batch size
+    batch_multiple: Annotated[int, Field(ge=1)] = 1  # rows per step rounded to a multiple of this (the data-parallel size)
     decay_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # WSD decay share of each run's steps
     branch: bool = True  # share the stable phase of runs with equal size, seed and optimizer settings
     # ablation
@@ -197,7 +198,8 @@ def expand(sweep: SweepConfig) -> list[RunSpec]:
                 compute = budget * fpt if sweep.kind == "grid" else budget
                 batch = base.data.batch_size
                 if sweep.batch_tokens(compute) > 0:
-                    batch = max(1, round(sweep.batch_tokens(compute) / base.data.seq_len))
+                    rows = sweep.batch_tokens(compute) / base.data.seq_len / sweep.batch_multiple
+                    batch = max(1, round(rows)) * sweep.batch_multiple
                 steps = round(compute / fpt / (batch * base.data.seq_len))
                 if not sweep.min_steps <= steps <= sweep.max_steps:
                     continue

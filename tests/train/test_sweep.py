@@ -77,11 +77,16 @@ def test_shorter_budgets_branch_where_their_decay_begins():
     assert all(r.branch_from is None for r in expand(isoflop_sweep(branch=False)))
 
 
-def test_a_power_law_lr_gives_each_budget_its_own_trunk():
-    runs = expand(isoflop_sweep(lr={"kind": "power_law", "coefficient": 0.3118, "exponent": -0.125}))
+def test_power_law_rules_give_each_budget_its_own_optimizer_and_trunk():
+    runs = expand(isoflop_sweep(lr={"kind": "power_law", "coefficient": 0.3118, "exponent": -0.125},
+                                batch_tokens={"kind": "power_law", "coefficient": 0.2920, "exponent": 0.3271},
+                                batch_multiple=8))
     assert all(r.branch_from is None for r in runs)
     lrs = sorted({r.overrides["optim.lr"] for r in runs})
     assert lrs == pytest.approx([0.3118 * c**-0.125 for c in (4e11, 2e11, 1e11)])
+    for run in runs:  # 0.292 C^0.3271 tokens per step, as rows of 128 tokens in multiples of 8
+        rows = 0.2920 * run.labels["compute_budget"] ** 0.3271 / 128
+        assert run.overrides["data.batch_size"] == 8 * max(1, round(rows / 8))
 
 
 def test_launch_command_is_the_run():
