@@ -105,6 +105,7 @@ def gather(layout: Layout) -> dict[str, Any]:
         "summaries": {stage: _json(Path(getattr(layout, stage)) / "summary.json") for stage in TRAINED},
         "configs": {stage: _json(Path(getattr(layout, stage)) / "run_config.json") for stage in TRAINED},
         "stages": stages,
+        "invocation": state.get("invocation") or {},
         "peak_tflops": state.get("peak_tflops", 0.0),
         "total_seconds": sum(s.get("seconds", 0.0) for s in stages.values()),
     }

@@ -124,6 +124,7 @@ class LifecycleState:
     path: Path
     peak_tflops: float = 0.0
     stages: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    invocation: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last run's command and config
 
     @classmethod
     def load(cls, root: str | Path) -> LifecycleState:
@@ -132,7 +133,7 @@ class LifecycleState:
             return cls(path)
         try:
             raw = json.loads(path.read_text())
-            return cls(path, float(raw.get("peak_tflops", 0.0)), dict(raw["stages"]))
+            return cls(path, float(raw.get("peak_tflops", 0.0)), dict(raw["stages"]), dict(raw.get("invocation", {})))
         except (ValueError, KeyError, TypeError) as e:
             raise RuntimeError(f"{path}: unreadable lifecycle state ({e}); move it aside to start over") from None
 
@@ -147,7 +148,8 @@ class LifecycleState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"peak_tflops": self.peak_tflops, "stages": self.stages}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"peak_tflops": self.peak_tflops, "stages": self.stages, "invocation": self.invocation},
+                                  indent=2) + "\n")
         os.replace(tmp, self.path)
 
 
@@ -268,7 +270,7 @@ def run_stages(stages: Sequence[Stage], state: LifecycleState, service: ServiceO
     with forwarded_signals() as current:
         for index, stage in enumerate(stages, 1):
             label = f"stage {index}/{len(stages)} {stage.name}"
-            if state.is_done(stage.name):
+            if state.is_done(stage.name) and not stage.always:
                 progress(f"{label}: done before ({format_duration(state.stages[stage.name]['seconds'])}), skipped")
                 continue
             argv = [arg.replace(SANDBOX_URL, service.get()) if SANDBOX_URL in arg else arg for arg in stage.argv]
@@ -292,10 +294,12 @@ def run_stages(stages: Sequence[Stage], state: LifecycleState, service: ServiceO
 def main(config: LifecycleConfig) -> None:
     layout = config.layout
     state = LifecycleState.load(layout.root)
+    state.invocation = {"command": display_command(["python", "-m", "lifecycle.run", *sys.argv[1:]]),
+                        "config": dataclasses.asdict(config)}
     if not state.peak_tflops:
         state.peak_tflops = config.peak_tflops or measure_peak_tflops()
-        state.save()
         progress(f"fp32 matmul peak for MFU: {state.peak_tflops * 1e3:.0f} GFLOP/s per device")
+    state.save()
     stages = lifecycle_stages(config, state.peak_tflops, python=config.python or sys.executable)
     service = ServiceOnDemand(config.sandbox.url, config.sandbox.workers)
     try:

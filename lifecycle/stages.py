@@ -33,6 +33,7 @@ class Stage:
     argv: tuple[str, ...]
     before: Callable[[], None] | None = None  # in-process preparation (inputs, clearing a partial output)
     after: Callable[[], None] | None = None  # in-process completion (publishing the output)
+    always: bool = False  # run even when done before (cheap stages that summarise the others)
 
 
 def _config_spec(path: str, root: str) -> str:
@@ -96,5 +97,5 @@ def lifecycle_stages(config: Any, peak_tflops: float, python: str) -> list[Stage
         evaluate("sft"),
         train("rl", "rl.train", f"--config.rl.sandbox={SANDBOX_URL}"),
         evaluate("rl"),
-        Stage("report", "the report", (python, "-m", "lifecycle.report", f"--root={layout.root}")),
+        Stage("report", "the report", (python, "-m", "lifecycle.report", f"--root={layout.root}"), always=True),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -158,3 +159,11 @@ def test_display_command_makes_the_interpreter_relative():
 
 def test_interrupted_names_the_signal():
     assert str(Interrupted(signal.SIGTERM)) == "SIGTERM"
+
+
+def test_always_stages_run_again(tmp_path):
+    log = tmp_path / "order.txt"
+    stages = [_append(log, "a"), dataclasses.replace(_append(log, "report"), always=True)]
+    for _ in range(2):
+        run_stages(stages, LifecycleState.load(tmp_path), ServiceOnDemand("http://unused:1", 1), tmp_path / "logs")
+    assert log.read_text() == "a report report "
