@@ -3,10 +3,11 @@
     python -m train.sweep --config=configs/sweeps/code_isoflop.py
     python -m analysis.report --results=results/scaling/code_isoflop.jsonl --out_dir=results/scaling
 
-Four sizes (25k-305k non-embedding parameters) x three compute budgets (FLOPs by the model's own
+Six sizes (7k-305k non-embedding parameters) x three compute budgets (FLOPs by the model's own
 formula, 2x apart): every size sees three token budgets, D = C / flops_per_token(N), except the
 largest at the smallest budget (26 steps, under min_steps). Sized for a 2-core CPU shared with other
-jobs: about 25 minutes. WSD with a 20%
+jobs: about 35 minutes. (d16 and d24 were added after the first four sizes had run, when their
+IsoFLOP minima all sat at the smallest size; a rerun of the command trains only missing runs.) WSD with a 20%
 decay: each size's longest run is the trunk the shorter budgets branch from.
 """
 
@@ -29,6 +30,8 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.results = "results/scaling/code_isoflop.jsonl"
     cfg.seeds = (0,)
     cfg.sizes = {
+        "d16": size(16, 2, 2, 1, 48),
+        "d24": size(24, 2, 2, 1, 72),
         "d32": size(32, 2, 2, 1, 96),
         "d48": size(48, 2, 2, 1, 128),
         "d64": size(64, 3, 4, 2, 192),
@@ -36,7 +39,7 @@ def get_config(arg: str = "") -> ConfigDict:
     }
     cfg.compute_budgets = (2.5e11, 5e11, 1e12)
     cfg.min_steps = 30
-    cfg.max_steps = 1000
+    cfg.max_steps = 1100
     cfg.lr = {"kind": "fixed", "value": 4e-3}
     cfg.batch_tokens = {"kind": "fixed", "value": 2048.0}
     cfg.decay_fraction = 0.2
