@@ -5,12 +5,12 @@ documents; worker processes run the pure per-file stages (`stages.FileStages`). 
 come back in input order with a bounded number in flight, so the output is identical for any
 number of workers. Three steps:
   1. stream: per-file stages, exact dedup, the near-duplicate graph (`dedup`); survivors of exact
-     dedup are spilled to an ArrayRecord file in the output directory, their text never held.
+     dedup are held, in memory up to 256 MiB of text, beyond that in an ArrayRecord spill file.
   2. decide: the near-duplicate components are final once every document is in; each file's
      decision is counted, and kept files are grouped by `documents.group_key`.
-  3. write: groups in input order (of their first file) are read back from the spill, made into
-     documents (`documents`) and written as ArrayRecord shards.
-Memory holds per document only its dedup keys and a few integers. Progress (files, MB, MB/s,
+  3. write: groups in input order (of their first file) are read back, made into documents
+     (`documents`) and written as ArrayRecord shards.
+Beyond the held text, memory holds per document only its dedup keys and a few integers. Progress (files, MB, MB/s,
 records written) is logged every `config.progress_seconds`.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -42,34 +43,75 @@ def _start_worker(file_stages: stages.FileStages) -> None:
     _worker_stages = file_stages
 
 
-def _run_worker(records: list[dict[str, Any]]) -> list[stages.FileOutcome]:
+def _run_worker(batch: list[inputs.InputFile]) -> list[stages.FileOutcome]:
+    """Outcomes of the readable files of a batch."""
     assert _worker_stages is not None, "worker used before _start_worker"
-    return _worker_stages(records)
+    return _worker_stages([item.record for item in batch if item.record is not None])
 
 
-def _ordered_map(
-    function: Callable[[list[dict[str, Any]]], list[stages.FileOutcome]],
-    file_stages: stages.FileStages,
-    batches: Iterable[list[inputs.InputFile]],
-    workers: int,
-) -> Iterator[tuple[list[inputs.InputFile], list[stages.FileOutcome]]]:
-    """(batch, outcomes of its readable files) in input order; at most 2 * workers + 2 in flight."""
-    readable = lambda batch: [item.record for item in batch if item.record is not None]
+class _Spill:
+    """Kept files between the streaming step and the write step: held in memory up to
+    `memory_bytes` of text, beyond that pickled to an uncompressed ArrayRecord file at `path`."""
+
+    def __init__(self, path: str, memory_bytes: int):
+        self.path = path
+        self.memory_bytes = memory_bytes
+        self._items: list[Any] = []
+        self._bytes = 0
+        self._writer: Any = None
+        self._reader: Any = None
+
+    def append(self, item: Any, size: int) -> None:
+        self._bytes += size
+        if self._writer is None and self._bytes > self.memory_bytes:
+            self._writer = array_record_module.ArrayRecordWriter(self.path, "group_size:1,uncompressed")
+            for held in self._items:
+                self._writer.write(pickle.dumps(held, protocol=pickle.HIGHEST_PROTOCOL))
+            self._items = []
+        if self._writer is None:
+            self._items.append(item)
+        else:
+            self._writer.write(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def read(self, indices: list[int]) -> list[Any]:
+        if self._writer is None:
+            return [self._items[index] for index in indices]
+        if self._reader is None:
+            self._writer.close()
+            self._reader = array_record_module.ArrayRecordReader(self.path)
+        return [pickle.loads(data) for data in self._reader.read(indices)]
+
+    def close(self) -> None:
+        for handle in (self._reader, self._writer):
+            if handle is not None:
+                handle.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+@contextlib.contextmanager
+def _worker_pool(file_stages: stages.FileStages, workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator[tuple[Any, Any]]]]:
+    """Yields `ordered_map(function, tasks)` -> (task, function(task)) in task order, run by
+    `workers` processes (in this one for 0) with at most 2 * workers + 2 tasks in flight."""
     if workers == 0:
-        for batch in batches:
-            yield batch, file_stages(readable(batch))
+        _start_worker(file_stages)
+        yield lambda function, tasks: ((task, function(task)) for task in tasks)
         return
     context = multiprocessing.get_context("spawn")  # safe even when the parent has imported JAX
     with concurrent.futures.ProcessPoolExecutor(workers, context, _start_worker, (file_stages,)) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(function, readable(batch))))
-            if len(pending) > 2 * workers + 2:
-                done_batch, future = pending.popleft()
-                yield done_batch, future.result()
-        while pending:
-            done_batch, future = pending.popleft()
-            yield done_batch, future.result()
+
+        def ordered_map(function: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
+            pending: collections.deque = collections.deque()
+            for task in tasks:
+                pending.append((task, pool.submit(function, task)))
+                if len(pending) > 2 * workers + 2:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+
+        yield ordered_map
 
 
 def _batches(items: Iterable[inputs.InputFile], max_files: int, max_bytes: int) -> Iterator[list[inputs.InputFile]]:
@@ -96,6 +138,7 @@ def build_contamination_index(config: ml_collections.ConfigDict) -> decontam.Con
 
 
 _SPILL_NAME = ".prepare-spill.array_record"
+SPILL_MEMORY_BYTES = 1 << 28  # kept text held in memory before spilling to disk
 
 
 def prepare(
@@ -133,14 +176,13 @@ def prepare(
         input_paths, config_lib.split_list(config.read.exclude), config.read.single_repo, config.read.max_file_bytes,
         inputs.parse_fields(config.read.fields),
     )
-    spill_path = os.path.join(output_dir, _SPILL_NAME)
+    spill = _Spill(os.path.join(output_dir, _SPILL_NAME), SPILL_MEMORY_BYTES)
     progress = _Progress(counts, writer, started, config.progress_seconds)
     # Per spilled file: doc_id, size as read, group key.
     spilled: list[tuple[int, int, str]] = []
-    spill = array_record_module.ArrayRecordWriter(spill_path, "group_size:1,uncompressed")
     try:
-        with writer:
-            for batch, outcomes in _ordered_map(_run_worker, file_stages, _batches(items, config.batch_files, config.batch_bytes), workers):
+        with writer, _worker_pool(file_stages, workers) as ordered_map:
+            for batch, outcomes in ordered_map(_run_worker, _batches(items, config.batch_files, config.batch_bytes)):
                 readable = iter(outcomes)
                 for item in batch:
                     if item.record is None:
@@ -156,17 +198,20 @@ def prepare(
                     if config.near_dedup.enabled:
                         near.add(item.doc_id, outcome.band_keys, outcome.signature)
                     kept = documents.KeptFile(item.doc_id, item.group, outcome.record, outcome.redacted_size, outcome.imports, outcome.tokens)
-                    spill.write(pickle.dumps((kept, outcome.size, outcome.pii_counts), protocol=pickle.HIGHEST_PROTOCOL))
+                    spill.append((kept, outcome.size, outcome.pii_counts), outcome.redacted_size)
                     spilled.append((item.doc_id, outcome.size, documents.group_key(kept, config.repo.enabled)))
                 progress.maybe_log()
-            spill.close()
-            groups = _decide(spilled, near, config.near_dedup.enabled, count)
-            _write_groups(spill_path, groups, config.repo.enabled, tokenizer, writer, count, progress)
+            for indices in _decide(spilled, near, config.near_dedup.enabled, count):
+                files = []
+                for kept, size, pii_counts in spill.read(indices):
+                    stages.count_dedup_and_pii(count, size, kept.redacted_size, pii_counts, None)
+                    files.append(kept)
+                for record in documents.documents(files, config.repo.enabled, tokenizer, count):
+                    documents.count_output(count, record, writer.write(record))
+                progress.maybe_log()
             shard_paths = writer.close()
     finally:
         spill.close()
-        if os.path.exists(spill_path):
-            os.remove(spill_path)
     progress.log()
     seconds = time.perf_counter() - started
     result = make_report(counts, config, input_paths, output_dir, [os.path.basename(path) for path in shard_paths])
@@ -190,25 +235,6 @@ def _decide(spilled: list[tuple[int, int, str]], near: dedup.NearDuplicateGraph,
             groups.setdefault(key, []).append(spill_index)
     count("duplicates/near_clusters", len(representatives))
     return sorted(groups.values(), key=lambda indices: spilled[indices[0]][0])
-
-
-def _write_groups(
-    spill_path: str, groups: list[list[int]], repository_documents: bool, tokenizer: Any | None, writer: shards.ShardWriter,
-    count: report_lib.Count, progress: _Progress,
-) -> None:
-    reader = array_record_module.ArrayRecordReader(spill_path)
-    try:
-        for indices in groups:
-            files = []
-            for data in reader.read(indices):
-                kept, size, pii_counts = pickle.loads(data)
-                stages.count_dedup_and_pii(count, size, kept.redacted_size, pii_counts, None)
-                files.append(kept)
-            for record in documents.documents(files, repository_documents, tokenizer, count):
-                documents.count_output(count, record, writer.write(record))
-            progress.maybe_log()
-    finally:
-        reader.close()
 
 
 class _Progress:

@@ -43,7 +43,10 @@ class ShardWriter:
 
     def write(self, record: Mapping[str, Any]) -> int:
         """Appends one record; returns its serialised size in bytes."""
-        data = serialize(record)
+        return self.write_serialized(serialize(record))
+
+    def write_serialized(self, data: bytes) -> int:
+        """Appends one record already `serialize`d; returns its size in bytes."""
         if self._writer is None or self._shard_records >= self.records_per_shard or (
             self._shard_records and self._shard_bytes + len(data) > self.max_shard_bytes
         ):

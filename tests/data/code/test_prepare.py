@@ -127,6 +127,14 @@ def test_workers_give_identical_output(corpus: dict[str, Path], tmp_path: Path) 
     assert parallel_report["stages"] == serial_report["stages"] and parallel_report["workers"] == 2
 
 
+def test_spilling_kept_files_to_disk_changes_nothing(corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    held_report, held = run(corpus, tmp_path / "held")
+    monkeypatch.setattr(preparation, "SPILL_MEMORY_BYTES", 100)
+    spilled_report, spilled = run(corpus, tmp_path / "spilled")
+    assert spilled == held and spilled_report["stages"] == held_report["stages"]
+    assert sorted(os.listdir(tmp_path / "spilled")) == sorted(os.listdir(tmp_path / "held"))  # the spill file is gone
+
+
 def test_flagging_instead_of_dropping_contamination(corpus: dict[str, Path], tmp_path: Path) -> None:
     report, records = run(corpus, tmp_path, decontam__action="flag")
     alpha = next(r for r in records if r.get("repo") == "alpha")
