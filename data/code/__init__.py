@@ -11,8 +11,10 @@ Modules, one job each:
   repo         repository-level documents ordered by Python import dependencies
   fim          fill-in-the-middle permutations (pure functions and grain transforms)
   config       `default_prepare_config()` for `python -m data.prepare` and its validation
-  inputs       JSONL and directory-tree readers
-  stages       the pure per-file stage chain run in worker processes
+  inputs       JSONL(.gz), Parquet and directory-tree readers; bad input as counted drops
+  stages       the pure per-file stage chain run in worker processes (or Beam DoFns)
+  documents    output documents of the kept files of one group (repository documents)
+  report       the report as named counts, shared with the Beam pipeline (`data.curation`)
   shards       ArrayRecord shard writer
-  preparation  the streaming, multiprocess driver behind `python -m data.prepare`
+  preparation  the local multiprocess driver behind `python -m data.prepare`
 """
