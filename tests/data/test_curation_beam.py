@@ -28,6 +28,7 @@ from data.code import config as config_lib  # noqa: E402
 from data.code import preparation, shards  # noqa: E402
 from data.curation import pipeline  # noqa: E402
 from data.curation.components import ConnectedComponents  # noqa: E402
+from tests.data.code.fakes import ByteTokenizer  # noqa: E402
 from tests.data.code.test_prepare import humaneval_solution  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -92,7 +93,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def curate_locally(corpus: list[str], output_dir: Path) -> tuple[dict, list[dict]]:
     config = config_lib.default_prepare_config()
     config.workers = 0
-    report = preparation.prepare(corpus, str(output_dir), config)
+    report = preparation.prepare(corpus, str(output_dir), config, ByteTokenizer())
     return report, shards.read_shards([str(output_dir / name) for name in report["output"]["shards"]])
 
 
@@ -101,7 +102,7 @@ def test_beam_pipeline_gives_the_local_documents_and_report(corpus: list[str], t
     config = config_lib.default_prepare_config()
     config.output.records_per_shard = 8  # several shards
     args = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    report = pipeline.run(corpus, str(tmp_path / "beam"), config, pipeline_args=args)
+    report = pipeline.run(corpus, str(tmp_path / "beam"), config, ByteTokenizer(), pipeline_args=args)
     names = report["output"]["shards"]
     records = shards.read_shards([str(tmp_path / "beam" / name) for name in names])
 
@@ -122,6 +123,7 @@ def test_beam_pipeline_gives_the_local_documents_and_report(corpus: list[str], t
     assert report["pii_redactions"]["email"] >= 1 and report["pii_redactions"]["ip_address"] == 1 and report["pii_redactions"]["key"] == 1
     gamma = [r for r in records if r.get("repo") == "gamma"]
     assert sorted(r["paths"] for r in gamma) == [["gamma/a.py"], ["gamma/b.py", "gamma/a.py"]]
+    assert all(r["tokens"][0] == ByteTokenizer.repo_name_id for r in records if "paths" in r)  # repository documents tokenized
 
     from data import sources  # noqa: PLC0415  (grain: the training input pipeline reads the shards unchanged)
 
