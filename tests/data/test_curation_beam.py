@@ -131,6 +131,28 @@ def test_beam_pipeline_gives_the_local_documents_and_report(corpus: list[str], t
     assert sorted(record["text"] for record in sources.iter_records(source)) == sorted(r["text"] for r in local_records)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {"exact_dedup.enabled": False}, {"repo.enabled": False}, {"decontam.action": "flag"}, {"near_dedup.verify": False},
+    {"exact_dedup.enabled": False, "near_dedup.enabled": False, "pii.enabled": False, "decontam.enabled": False},
+])
+def test_beam_pipeline_equals_local_path_for_other_settings(corpus: list[str], tmp_path: Path, overrides: dict) -> None:
+    configs = [config_lib.default_prepare_config() for _ in range(2)]
+    for config in configs:
+        config.workers = 0
+        for field, value in overrides.items():
+            section, name = field.split(".")
+            config[section][name] = value
+    local = preparation.prepare(corpus, str(tmp_path / "local"), configs[0])
+    beam_report = pipeline.run(corpus, str(tmp_path / "beam"), configs[1], pipeline_args=["--runner=DirectRunner"])
+    read = lambda report, directory: sorted(
+        json.dumps(r, sort_keys=True) for r in shards.read_shards([str(tmp_path / directory / n) for n in report["output"]["shards"]])
+    )
+    assert read(beam_report, "beam") == read(local, "local")
+    strip = lambda r: {k: v for k, v in r.items() if k not in (*RUN_FIELDS, "config")} | {"output": {**r["output"], "shards": None}}
+    assert strip(beam_report) == strip(local)
+
+
 def union_find_labels(edges: list[tuple[int, int]]) -> dict[int, int]:
     parent: dict[int, int] = {}
 
