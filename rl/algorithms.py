@@ -12,7 +12,9 @@ mask [P, G, T]) -> [P, G, T]`:
   reinforce++ the return (outcome reward, gamma 1) whitened over every response token of the batch
               (REINFORCE++, arXiv:2501.03262)
   reinforce++_baseline  r - mean_g, then whitened over every response token of the batch (same paper)
-A group of one gets baseline 0 (and std 1), as verl does.
+A group of one gets baseline 0 (and std 1), as verl's loop implementations do (its rloo_vectorized
+returns 0 there instead). tests/rl/test_verl_parity.py compares the estimators, losses, KL, entropy and IS
+weights with verl 0.9.1's code.
 
 Policy loss (device side, jax, inside the loss function), per token [N, T]:
   ratio        exp(logp - old_logp) ("token", PPO) or GSPO's sequence ratio exp(mean_t(logp - old_logp))
@@ -197,6 +199,8 @@ def ppo_clip(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Arr
     """PPO's clipped surrogate with separate bounds: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)),
     all [N, T]. level "sequence" is GSPO. dual_clip c > 1 also bounds the loss of negative advantages by
     -A c (dual-clip PPO, arXiv:1912.09729; verl's clip_ratio_c); 0 disables it."""
+    if dual_clip and dual_clip <= 1.0:  # c <= 1 would bound the loss at or below its on-policy value
+        raise ValueError(f"dual_clip: {dual_clip}; must be > 1, or 0 to disable it")
     ratio = jnp.exp(log_ratio(logp, old_logp, mask, level))
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
