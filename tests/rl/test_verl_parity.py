@@ -281,3 +281,76 @@ def test_entropy_matches_verl(verl, mode):
     total, weight = alg.aggregate(ours, jnp.asarray(mask, jnp.float32), mode)
     ref = verl.core.compute_entropy_loss(torch_logits, verl.torch.tensor(mask, dtype=verl.torch.float32), mode)
     assert float(total / weight) == pytest.approx(float(ref), rel=RTOL)
+
+
+# ---- the whole RL loss ----------------------------------------------------------------------------------------
+
+
+class FixedLogits:
+    """A stand-in for the model in `rl.train.policy_loss`: returns the given logits, no auxiliary loss."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, inputs, positions, segment_ids):
+        return types.SimpleNamespace(logits=self.logits, aux={})
+
+
+@pytest.mark.parametrize(("ratio", "mode", "kl", "tis_cap", "dual_clip"), [
+    ("token", "token-mean", "k3", 2.0, 3.0),
+    ("sequence", "seq-mean-token-mean", "k2", 0.0, 0.0),
+])
+def test_rl_train_policy_loss_matches_verl_ppo_loss(verl, ratio, mode, kl, tis_cap, dual_clip):
+    """`rl.train.policy_loss` (logits -> the RL objective) against verl's actor loss,
+    `verl.workers.utils.losses.ppo_loss` lines 97-140: the policy loss with the IS weights on it,
+    - entropy_coeff * agg(entropy) + kl_loss_coef * agg(kl_penalty(logp, ref)), logits divided by the
+    temperature first (verl's engine does it before the log-softmax). Value and gradient in the logits.
+    (ppo_loss itself takes verl's packed TensorDict batches, so its pieces are called here as it calls them.)"""
+    from rl.train import RLSection, policy_loss
+
+    rng = np.random.default_rng(9)
+    n, t, v, temperature = 6, 5, 11, 0.8
+    clip_low, clip_high = (0.2, 0.28) if ratio == "token" else (3e-4, 4e-4)
+    rl = RLSection(init_from="unused", temperature=temperature, aggregation=mode, ratio=ratio, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, kl_coef=0.1, kl_estimator=kl, entropy_coef=0.01,
+                   tis_cap=tis_cap)
+    logits = rng.normal(0, 1.5, (n, t, v))
+    targets = rng.integers(0, v, (n, t))
+    mask = random_mask(rng, n, t)
+    logp_now = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / temperature)), targets[..., None], -1)[..., 0]
+    scale = 0.6 if ratio == "token" else 1e-3
+    old = logp_now + rng.normal(0, scale, (n, t))
+    sampler = old + rng.normal(0, 0.4, (n, t))
+    ref = logp_now + rng.normal(0, 0.5, (n, t))
+    adv = rng.normal(0, 1, (n, t)) * mask
+    batch = {k: jnp.asarray(x, jnp.float32) for k, x in dict(loss_mask=mask, old_logp=old, sampler_logp=sampler,
+                                                             ref_logp=ref, advantages=adv).items()}
+    batch.update(targets=jnp.asarray(targets), inputs=jnp.zeros((n, t), jnp.int32),
+                 positions=jnp.zeros((n, t), jnp.int32), segment_ids=jnp.ones((n, t), jnp.int32))
+
+    def ours(lg):
+        out = policy_loss(FixedLogits(lg), batch, rl=rl)
+        return out.total / out.weight
+
+    value, grad = jax.value_and_grad(ours)(jnp.asarray(logits, jnp.float32))
+
+    torch, core = verl.torch, verl.core
+    cfg = actor_config(verl, clip_low, clip_high, dual_clip or NO_DUAL_CLIP)
+    lg = tensor(verl, logits, grad=True)
+    scaled = lg / temperature
+    log_prob = torch.log_softmax(scaled, -1).gather(-1, torch.as_tensor(targets)[..., None])[..., 0]
+    entropy = verl.F.entropy_from_logits(scaled)
+    m = tensor(verl, mask)
+    is_weights = None
+    if tis_cap:
+        is_weights, _ = verl.corr.compute_rollout_correction_weights(tensor(verl, old - sampler), m,
+                                                                     rollout_is="token", rollout_is_threshold=tis_cap)
+    pg, _ = core.get_policy_loss_fn("vanilla" if ratio == "token" else "gspo")(
+        tensor(verl, old), log_prob, tensor(verl, adv), m, mode, cfg, is_weights)
+    total = (pg - rl.entropy_coef * core.agg_loss(entropy, m, mode)
+             + rl.kl_coef * core.agg_loss(core.kl_penalty(log_prob, tensor(verl, ref), kl), m, mode))
+    total.backward()
+
+    assert float(value) == pytest.approx(float(total.detach()), rel=1e-4, abs=ATOL)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), lg.grad.numpy(), rtol=1e-4, atol=ATOL)
+    assert np.abs(lg.grad.numpy()).max() > 1e-3
