@@ -74,7 +74,7 @@ def plot_contours(points: ScalingPoints, law: LossFn, path: str | Path, title: s
     ax.contour(grid_n, grid_d, surface, levels=levels, colors="k", linewidths=0.3)
     ax.scatter(points.n_params, points.n_tokens, c=points.loss, cmap="viridis", vmin=levels[0], vmax=levels[-1],
                edgecolors="w", linewidths=1, s=50, zorder=3)
-    if frontier is not None:
+    if frontier is not None and np.any(np.isfinite(frontier[0])):
         ax.plot(*frontier, "r--", lw=1.5, label="compute-optimal N*, D*")
         ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(filled, ax=ax, label="loss")
@@ -91,8 +91,9 @@ def plot_frontier(budgets: np.ndarray, frontiers: Mapping[str, tuple[np.ndarray,
     plt = _pyplot()
     fig, (ax_n, ax_d) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     for label, (n_opt, d_opt) in frontiers.items():
-        ax_n.plot(budgets, n_opt, label=label)
-        ax_d.plot(budgets, d_opt, label=label)
+        if np.any(np.isfinite(n_opt)):  # NaN: no interior optimum at that budget
+            ax_n.plot(budgets, n_opt, label=label)
+            ax_d.plot(budgets, d_opt, label=label)
     if optima is not None:
         compute, n_points, d_points = optima
         ax_n.scatter(compute, n_points, color="red", marker="*", s=120, zorder=3, label="IsoFLOP minima")

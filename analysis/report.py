@@ -67,8 +67,23 @@ def points_from_records(records: Sequence[Mapping[str, Any]], loss_key: str, lan
                          flops=np.array([r["compute"] for r in records], float))
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (no optimum in range, an exponent near 0 in the additive form) as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "none" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
 def _interval_text(value: float, bounds: Mapping[str, float]) -> str:
-    return f"{value:.4g} [{bounds['low']:.4g}, {bounds['high']:.4g}]"
+    return f"{_number(value)} [{_number(bounds['low'])}, {_number(bounds['high'])}]"
 
 
 def _frontier_rows(budgets: np.ndarray, frontiers: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
@@ -142,7 +157,8 @@ def scaling_report(name: str, records: Sequence[Mapping[str, Any]], out_dir: Pat
         "frontier": str(plots.plot_frontier(budgets, frontiers, out_dir / f"{name}_frontier.png", optima, power_laws)),
         "residuals": str(plots.plot_residuals(points, {"Approach 3": law.loss}, out_dir / f"{name}_residuals.png")),
     }
-    (out_dir / f"{name}_fit.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = _json_safe(report)
+    (out_dir / f"{name}_fit.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out_dir / f"{name}.md").write_text(scaling_markdown(report))
     return report
 
@@ -157,7 +173,7 @@ def scaling_markdown(report: Mapping[str, Any]) -> str:
         rows = []
         for key, params, intervals in (("Chinchilla", fit["params"], boot.get("intervals")),
                                        ("additive", fit["additive"], boot.get("additive_intervals"))):
-            cells = [(_interval_text(v, intervals[k]) if intervals else f"{v:.4g}") for k, v in params.items()]
+            cells = [(_interval_text(v, intervals[k]) if intervals else _number(v)) for k, v in params.items()]
             rows.append(f"| {label} | {key}: {', '.join(f'{k} {c}' for k, c in zip(params, cells))} | "
                         f"{fit['rms_residual']:.4f} |")
         return rows
@@ -182,8 +198,9 @@ def scaling_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Compute-optimal allocation (C by the model's FLOP formula)", "",
               "| C (FLOPs) | " + " | ".join(f"{k} N* / D*" for k in report["compute_optimal"][0] if k != "compute") + " |",
               "|---|" + "---|" * (len(report["compute_optimal"][0]) - 1)]
+    # none: the law's minimum over N lies at the search bound (no interior optimum at that budget)
     for row in report["compute_optimal"]:
-        cells = [f"{row[k]['n_opt']:.3g} / {row[k]['d_opt']:.3g}" for k in row if k != "compute"]
+        cells = [f"{_number(row[k]['n_opt'], 3)} / {_number(row[k]['d_opt'], 3)}" for k in row if k != "compute"]
         lines.append(f"| {row['compute']:.3g} | " + " | ".join(cells) + " |")
     fpt = report["flops_per_token_law"]
     lines += ["", f"FLOPs per token fitted over the runs: 6 N + {fpt['coefficient']:.4g} N^{fpt['exponent']:.4f}.", ""]
@@ -217,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(summary, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    print(json.dumps(_json_safe(summary), indent=2))
 
 
 if __name__ == "__main__":

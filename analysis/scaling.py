@@ -242,8 +242,11 @@ class ChinchillaLaw:
 
     @property
     def theta(self) -> np.ndarray:
-        """(log A, log B, log E, alpha, beta), shape [5]."""
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        """(log A, log B, log E, alpha, beta), shape [5]. A term that underflowed to 0 in a degenerate fit
+        (exp of a very negative log) maps to the log of the smallest positive float, so refits can start there."""
+        tiny = np.finfo(np.float64).tiny
+        return np.array([math.log(max(self.A, tiny)), math.log(max(self.B, tiny)), math.log(max(self.E, tiny)),
+                         self.alpha, self.beta])
 
     def loss(self, n_params: np.ndarray | float, n_tokens: np.ndarray | float) -> np.ndarray:
         """Predicted loss; broadcasts N and D."""
@@ -290,8 +293,10 @@ class AdditiveLaw:
 
     @classmethod
     def from_chinchilla(cls, law: ChinchillaLaw) -> AdditiveLaw:
-        return cls(Nc=law.A ** (1.0 / law.alpha), Dc=law.B ** (1.0 / law.beta), alpha_N=law.alpha, alpha_D=law.beta,
-                   L_inf=law.E)
+        """Nc = A^(1/alpha), Dc = B^(1/beta): infinite (or 0) when an exponent is near 0, as the fit allows."""
+        with np.errstate(over="ignore", divide="ignore"):
+            return cls(Nc=float(np.float64(law.A) ** (1.0 / law.alpha)), Dc=float(np.float64(law.B) ** (1.0 / law.beta)),
+                       alpha_N=law.alpha, alpha_D=law.beta, L_inf=law.E)
 
     def to_chinchilla(self) -> ChinchillaLaw:
         return ChinchillaLaw(E=self.L_inf, A=self.Nc**self.alpha_N, B=self.Dc**self.alpha_D, alpha=self.alpha_N,
@@ -313,12 +318,15 @@ def compute_optimal_numeric(loss: Callable[[np.ndarray, np.ndarray], np.ndarray]
 
     For compute measured by a model's own FLOP formula instead of 6 N D (small models spend most of
     theirs in the LM head); a log-spaced search over `n_range` (relative step ~0.2% at the default).
+    NaN where the minimum lies at an end of the range (the law has no interior optimum there).
     """
     budgets = np.atleast_1d(np.asarray(compute, np.float64))
     n_grid = np.geomspace(*n_range, resolution)
     d_grid = budgets[:, None] / flops_per_token(n_grid)[None, :]  # [B, G]
     best = np.argmin(loss(n_grid[None, :], d_grid), axis=1)
-    n_opt, d_opt = n_grid[best], d_grid[np.arange(len(budgets)), best]
+    interior = (best > 0) & (best < resolution - 1)
+    n_opt = np.where(interior, n_grid[best], np.nan)
+    d_opt = np.where(interior, d_grid[np.arange(len(budgets)), best], np.nan)
     shape = np.shape(compute)
     return n_opt.reshape(shape), d_opt.reshape(shape)
 

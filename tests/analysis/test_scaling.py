@@ -393,3 +393,6 @@ def test_compute_optimal_numeric_matches_the_closed_form_under_6nd():
     # A model whose FLOPs per token carry a fixed extra cost (an LM head) trains fewer tokens: smaller D*.
     _, d_head = compute_optimal_numeric(HOFFMANN.loss, budgets, lambda n: 6.0 * n + 6.0 * 5e8)
     assert np.all(d_head < d_num)
+    # A law that always prefers the smallest model has no optimum in the range: NaN, not the bound.
+    n_edge, d_edge = compute_optimal_numeric(lambda n, d: 1.0 / d, budgets, lambda n: 6.0 * n)
+    assert np.all(np.isnan(n_edge)) and np.all(np.isnan(d_edge))
