@@ -32,7 +32,7 @@ Aggregation `aggregate(loss [N, T], mask [N, T], mode) -> (sum, weight)`, the tr
   token-mean            sum_nt l / sum_nt m               (DAPO)
   seq-mean-token-mean   sum_n (sum_t l / sum_t m) / #seqs (GRPO paper)
   seq-mean-token-sum    sum_nt l / #seqs
-  seq-mean-token-sum-norm  sum_nt l / (#seqs * T)         (Dr.GRPO: a constant normaliser)
+  seq-mean-token-sum-norm  sum_nt l / (#seqs * horizon)   (Dr.GRPO: a constant normaliser; horizon T by default)
 """
 
 from __future__ import annotations
@@ -158,9 +158,12 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def aggregate(loss: jax.Array, mask: jax.Array, mode: Aggregation) -> tuple[jax.Array, jax.Array]:
+def aggregate(loss: jax.Array, mask: jax.Array, mode: Aggregation,
+              horizon: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum, weight) of per-token `loss` [N, T] over `mask` [N, T]: sum / weight is the aggregated loss,
-    and sums and weights of micro-batches add up to the whole batch's (module docstring)."""
+    and sums and weights of micro-batches add up to the whole batch's (module docstring). `horizon` is
+    seq-mean-token-sum-norm's constant token count (Dr.GRPO's generation budget, verl's loss_scale_factor);
+    None: T, which is the response budget only when the rows hold response tokens alone."""
     mask = mask.astype(jnp.float32)
     per_seq_tokens = jnp.sum(mask, axis=-1)  # [N]
     has_tokens = (per_seq_tokens > 0).astype(jnp.float32)
@@ -171,7 +174,7 @@ def aggregate(loss: jax.Array, mask: jax.Array, mode: Aggregation) -> tuple[jax.
     if mode == "seq-mean-token-sum":
         return jnp.sum(loss * mask), jnp.sum(has_tokens)
     if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(loss * mask), jnp.sum(has_tokens) * loss.shape[-1]
+        return jnp.sum(loss * mask), jnp.sum(has_tokens) * (loss.shape[-1] if horizon is None else horizon)
     raise ValueError(f"aggregation: {mode!r}; known: {', '.join(AGGREGATIONS)}")
 
 

@@ -146,6 +146,17 @@ def test_aggregation_matches_verl_over_micro_batches(verl, mode):
     assert ours == pytest.approx(split, rel=RTOL, abs=ATOL)
 
 
+def test_token_sum_norm_horizon_matches_verl_loss_scale_factor(verl):
+    """seq-mean-token-sum-norm with a constant horizon other than the row width (rl.train's rows hold the
+    prompt too, so their width is not the response budget) against verl's loss_scale_factor."""
+    rng = np.random.default_rng(4)
+    loss, mask = rng.normal(size=(5, 9)), random_mask(rng, 5, 9)
+    total, weight = alg.aggregate(jnp.asarray(loss, jnp.float32), jnp.asarray(mask, jnp.float32),
+                                  "seq-mean-token-sum-norm", horizon=4)
+    ref = verl.core.agg_loss(tensor(verl, loss), tensor(verl, mask), "seq-mean-token-sum-norm", loss_scale_factor=4)
+    assert float(total / weight) == pytest.approx(float(ref), rel=RTOL)
+
+
 # ---- policy losses --------------------------------------------------------------------------------------------
 
 
