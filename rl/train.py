@@ -123,6 +123,10 @@ class RLSection:
     retry_deadline_s: Annotated[float, Field(gt=0.0)] = 60.0
     eval: RLEvalConfig = RLEvalConfig()
 
+    def __post_init__(self) -> None:
+        if 0.0 < self.dual_clip <= 1.0:
+            raise ConfigError(f"dual_clip: must be 0 (off) or > 1, got {self.dual_clip}")  # parse prefixes "rl."
+
 
 @section
 class RLConfig(RunConfig):
@@ -196,7 +200,7 @@ def policy_loss(model: nnx.Module, batch: Batch, *, rl: RLSection) -> LossOutput
         kl = alg.kl_estimate(logp, batch["ref_logp"], rl.kl_estimator)
         per_token = per_token + rl.kl_coef * kl
         metrics["kl_ref"] = alg.masked_mean(kl, mask)
-    total, weight = alg.aggregate(per_token, mask, rl.aggregation)
+    total, weight = alg.aggregate(per_token, mask, rl.aggregation, horizon=rl.max_response_len)
     aux = model_aux_loss(out.aux)
     big = jnp.where(mask > 0, pg.ratio, -jnp.inf)
     small = jnp.where(mask > 0, pg.ratio, jnp.inf)

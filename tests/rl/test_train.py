@@ -177,3 +177,5 @@ def test_rl_configs_load_and_name_bad_fields(pretrained, tmp_path):
         load_rl_config(rl_config(pretrained, tmp_path, rl__mini_batches=3))
     with pytest.raises(ConfigError, match="rl.estimator"):
         load_rl_config(rl_config(pretrained, tmp_path, rl__estimator="ppo"))
+    with pytest.raises(ConfigError, match=r"rl\.dual_clip: must be 0 \(off\) or > 1"):
+        load_rl_config(rl_config(pretrained, tmp_path, rl__dual_clip=0.5))
