@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps quickstart lifecycle sft rl lint test test-slow bench clean
+.PHONY: install system-deps quickstart lifecycle sft rl lint test test-slow test-beam bench clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-reference.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,17 @@ lint: install
 
 test: install system-deps lint
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The Beam curation pipeline in its own environment (apache-beam needs protobuf<7; codelm pins 7):
+# the DirectRunner with worker processes against the local driver, same documents and report.
+BEAM_VENV := .venv-beam
+$(BEAM_VENV)/.installed: launch/dataflow_requirements.txt
+	test -x $(BEAM_VENV)/bin/python || $(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/python -m pip install -q -r launch/dataflow_requirements.txt pytest==9.2.0 datasketch==2.0.0 sentencepiece==0.2.3
+	touch $@
+
+test-beam: $(BEAM_VENV)/.installed
+	$(BEAM_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/data/test_curation_beam.py
 
 test-slow: install system-deps
 	$(PY) -m pytest -q -m slow tests
