@@ -17,7 +17,6 @@ them (training stages checkpoint) and exit 143/130; run the command again to go 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -186,50 +185,54 @@ def progress(message: str) -> None:
     print(f"[lifecycle] {message}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def forwarded_signals() -> Iterator[dict[str, Any]]:
-    """While a stage runs, SIGTERM/SIGINT go to its process (which checkpoints and exits) and are
-    re-raised here as `Interrupted` once it has exited."""
-    current: dict[str, Any] = {"proc": None, "signum": None}
+class StageProcesses:
+    """Runs stage commands one at a time, each in its own process group, teeing its output to stderr and a
+    log. While one runs, SIGTERM/SIGINT (a terminal's Ctrl-C too) go to it as SIGTERM, so a training stage
+    checkpoints and exits; then `run` raises `Interrupted`. Between stages they raise at once."""
 
-    def handle(signum: int, frame: Any) -> None:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StageProcesses:
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
         del frame
-        current["signum"] = signum
-        proc = current["proc"]
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        self.signum = signum
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         else:
             raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield current
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def run_command(argv: Sequence[str], log_path: Path, current: dict[str, Any]) -> int:
-    """Runs `argv` from the repository root in its own process group (a terminal's Ctrl-C reaches it
-    through the handler, as SIGTERM), teeing its output to stderr and `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(argv)}\n")
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True, cwd=_repo_root())
-        current["proc"] = proc
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stderr.write(line)
-                log.write(line)
-                log.flush()
-            return proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            current["proc"] = None
+    def run(self, argv: Sequence[str], log_path: Path) -> int:
+        """`argv`'s exit code, from the repository root; raises Interrupted if a signal stopped it."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ {shlex.join(argv)}\n")
+            self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         errors="replace", start_new_session=True, cwd=_repo_root())
+            try:
+                assert self.proc.stdout is not None
+                for line in self.proc.stdout:
+                    sys.stderr.write(line)
+                    log.write(line)
+                    log.flush()
+                code = self.proc.wait()
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                self.proc = None
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        return code
 
 
 def _repo_root() -> str:
@@ -267,7 +270,7 @@ class ServiceOnDemand:
 def run_stages(stages: Sequence[Stage], state: LifecycleState, service: ServiceOnDemand, logs: Path) -> None:
     """Runs the stages not yet done, in order; raises StageFailed or Interrupted."""
     started = time.monotonic()
-    with forwarded_signals() as current:
+    with StageProcesses() as processes:
         for index, stage in enumerate(stages, 1):
             label = f"stage {index}/{len(stages)} {stage.name}"
             if state.is_done(stage.name) and not stage.always:
@@ -278,9 +281,7 @@ def run_stages(stages: Sequence[Stage], state: LifecycleState, service: ServiceO
             stage_start = time.monotonic()
             if stage.before is not None:
                 stage.before()
-            code = run_command(argv, logs / f"{stage.name}.log", current)
-            if current["signum"] is not None:
-                raise Interrupted(current["signum"])
+            code = processes.run(argv, logs / f"{stage.name}.log")
             if code != 0:
                 raise StageFailed(f"{stage.name} failed (exit {code}): {shlex.join(argv)}; its output is in "
                                   f"{logs / (stage.name + '.log')}")
