@@ -235,8 +235,13 @@ def _branched(group: list[RunSpec], warmup: int, sweep: SweepConfig) -> list[Run
 
 
 def launch_command(sweep: SweepConfig, run: RunSpec, launcher: str = "") -> str:
-    """The shell command that trains `run` on its own (from scratch: branching is a local saving)."""
-    overrides = {**flatten(sweep.base_overrides), **run.overrides, "train.output_dir": f"{sweep.output_dir}/{run.name}"}
+    """The shell command that trains `run` on its own (from scratch: branching is a local saving),
+    evaluating every `smoothing_fraction / (smoothing_evals - 1)` of its steps and at the end, so
+    `--mode=collect` finds the final and smoothed held-out losses in its metrics."""
+    steps = resolve(sweep, run.overrides).train.steps
+    every = max(1, round(steps * sweep.smoothing_fraction / max(sweep.smoothing_evals - 1, 1)))
+    overrides = {**flatten(sweep.base_overrides), **run.overrides, "train.eval_every": every,
+                 "train.output_dir": f"{sweep.output_dir}/{run.name}"}
     args = " ".join(shlex.quote(f"--config.{k}={v}") for k, v in overrides.items())
     prefix = f"{launcher} {shlex.quote(sweep.base_config)}" if launcher else \
         f"python -m train.pretrain --config={shlex.quote(sweep.base_config)}"

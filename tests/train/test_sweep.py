@@ -96,6 +96,8 @@ def test_launch_command_is_the_run():
     assert words[:3] == ["sbatch", "launch/slurm.sbatch", "configs/sweeps/code_mix.py"]
     parsed = dict(w.removeprefix("--config.").split("=", 1) for w in words[3:])
     assert parsed["train.output_dir"] == f"runs/t/{run.name}" and parsed["train.eval_batches"] == "4"
+    # Evaluated often enough for the smoothed loss (3 evals in the last 10% of steps) and at the end.
+    assert int(parsed["train.eval_every"]) == max(1, round(run.overrides["train.steps"] * 0.1 / 2))
     for key, value in run.overrides.items():
         assert parsed[key] == str(value)
 
