@@ -6,7 +6,7 @@
 
 Calls are spread over the endpoints (`sandbox.endpoints`) and retried only when the program certainly
 did not run (`sandbox.retry`): connection refused, or 503/429 before acceptance; an endpoint that
-goes away stops getting requests. A failure after the request went out raises `SandboxClientError`
+goes away (refusing connections, or draining: 503 until it stops) stops getting requests. A failure after the request went out raises `SandboxClientError`
 with `may_have_run=True` and is not retried. `run_tests` uses codelm's `/run_tests` batch endpoint and
 falls back to one `/run_code` per test case against servers without it (SandboxFusion), with the same
 pass/fail rule. Results come back in request order.
@@ -194,19 +194,26 @@ class SandboxClient:
         timeout = {"connect": min(timeout_s, 10.0), "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         deadline = time.monotonic() + policy.deadline_s
         tried: set[str] = set()  # endpoints refused in this round
+        waits: list[float] = []  # what each refusal of this round asked for (Retry-After; 0 without one)
         last_error, last_status, last_detail = "no attempt made", None, None
         for attempt in range(policy.max_attempts):
-            endpoint = self.endpoints.pick(tried)
-            tried.add(endpoint.url)
-            wait_hint = None
-            try:
-                response = await self._attempt(endpoint, method, path, body, headers, timeout)
-            except httpx.HTTPError as e:
-                if not is_safe_error(e):
-                    raise SandboxClientError(f"{method} {path} to {endpoint.url}: {type(e).__name__}: {e} "
-                                             "(after the request was sent: not retried)", may_have_run=True) from e
+            response, error = None, None
+            # The endpoint is picked once a concurrency slot is free: while this call waited for one, an
+            # endpoint may have refused others (a draining one, say), and must not get this request.
+            async with self._slots:
+                endpoint = self.endpoints.pick(tried)
+                tried.add(endpoint.url)
+                try:
+                    response = await self._attempt(endpoint, method, path, body, headers, timeout)
+                except httpx.HTTPError as e:
+                    error = e
+            if error is not None:
+                if not is_safe_error(error):
+                    raise SandboxClientError(f"{method} {path} to {endpoint.url}: {type(error).__name__}: {error} "
+                                             "(after the request was sent: not retried)", may_have_run=True) from error
                 self.endpoints.mark_down(endpoint)
-                last_error, last_status, last_detail = f"{type(e).__name__}: {e}", None, None
+                last_error, last_status, last_detail = f"{type(error).__name__}: {error}", None, None
+                waits.append(0.0)
             else:
                 if response.status_code == 200:
                     return response
@@ -214,13 +221,18 @@ class SandboxClient:
                 if response.status_code not in SAFE_STATUS:
                     raise SandboxClientError(f"{method} {path} to {endpoint.url}: HTTP {response.status_code}: "
                                              f"{last_detail}", response.status_code, last_detail)
-                self.endpoints.mark_down(endpoint)  # busy or going away: prefer the others for a while
-                last_error, wait_hint = f"HTTP {response.status_code}: {last_detail}", retry_after(response)
+                # Busy or draining: prefer the others for a while, and this one not before its Retry-After
+                # (a draining service's Retry-After lasts until its listener is closed).
+                wait = retry_after(response)
+                self.endpoints.mark_down(endpoint, wait)
+                last_error = f"HTTP {response.status_code}: {last_detail}"
+                waits.append(wait or 0.0)
             if attempt == policy.max_attempts - 1 or time.monotonic() >= deadline:
                 break
             if not self.endpoints.any_up(tried):  # every endpoint refused: back off, then a new round
                 tried.clear()
-                await asyncio.sleep(min(policy.delay(attempt, wait_hint), max(0.0, deadline - time.monotonic())))
+                wait, waits = min(waits), []  # until the first endpoint may take requests again
+                await asyncio.sleep(min(policy.delay(attempt, wait), max(0.0, deadline - time.monotonic())))
         urls = ", ".join(e.url for e in self.endpoints.endpoints)
         raise SandboxClientError(f"{method} {path} to {urls}: gave up after {attempt + 1} attempts; last: {last_error}",
                                  last_status, last_detail)
@@ -228,20 +240,19 @@ class SandboxClient:
     async def _attempt(self, endpoint: Endpoint, method: str, path: str, body: bytes | None,
                        headers: list[tuple[bytes, bytes]], timeout: dict[str, float]) -> httpx.Response:
         """One HTTP exchange, the whole response read (a failure while reading it raises httpx's
-        ReadError & co., never retried)."""
-        async with self._slots:
-            started = time.monotonic()
-            endpoint.in_flight += 1
+        ReadError & co., never retried). The caller holds a concurrency slot."""
+        started = time.monotonic()
+        endpoint.in_flight += 1
+        try:
+            request = httpx.Request(method, endpoint.url + path, content=body, headers=headers,
+                                    extensions={"timeout": timeout})
+            response = await self._transport.handle_async_request(request)
             try:
-                request = httpx.Request(method, endpoint.url + path, content=body, headers=headers,
-                                        extensions={"timeout": timeout})
-                response = await self._transport.handle_async_request(request)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+                await response.aread()
             finally:
-                endpoint.in_flight -= 1
+                await response.aclose()
+        finally:
+            endpoint.in_flight -= 1
         if response.status_code not in SAFE_STATUS:
             self.endpoints.mark_up(endpoint, started)
         return response

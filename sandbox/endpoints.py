@@ -2,10 +2,11 @@
 
 Each call goes to the healthy endpoint with the fewest requests in flight from this client (ties
 broken round-robin). An endpoint that refuses connections (or answers 503: busy, or draining before it
-stops) is marked down for a cooldown that doubles
-with each consecutive failure (up to `max_cooldown_s`) and gets no new requests meanwhile; a success
-marks it up again, if that attempt started after the last failure (a slow answer to an older request
-says nothing about the endpoint now). When every endpoint is down, the one due back first is tried.
+stops) is marked down for a cooldown that doubles with each consecutive failure (up to
+`max_cooldown_s`), or for as long as its Retry-After asks if that is longer (a draining service asks
+for the time until it has stopped listening), and gets no new requests meanwhile; a success marks it
+up again, if that attempt started after the last failure (a slow answer to an older request says
+nothing about the endpoint now). When every endpoint is down, the one due back first is tried.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class EndpointPool:
         candidates = [e for e in fresh if e.in_flight == fewest]
         return candidates[next(self._turn) % len(candidates)]
 
-    def mark_down(self, endpoint: Endpoint) -> None:
+    def mark_down(self, endpoint: Endpoint, retry_after_s: float | None = None) -> None:
+        """A refusal; `retry_after_s`: how long the endpoint asked to be left alone, if it said."""
         endpoint.failures += 1
         endpoint.failed_at = time.monotonic()
         cooldown = min(self.max_cooldown_s, self.base_cooldown_s * 2 ** (endpoint.failures - 1))
-        endpoint.down_until = time.monotonic() + cooldown
+        endpoint.down_until = endpoint.failed_at + max(cooldown, retry_after_s or 0.0)
 
     def mark_up(self, endpoint: Endpoint, attempt_started: float) -> None:
         """A success of an attempt that began at `attempt_started` (time.monotonic())."""

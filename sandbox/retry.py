@@ -5,12 +5,17 @@ Safe to retry (the service never saw the whole request, or refused it before run
   became free (`httpx.ConnectError`, `ConnectTimeout`, `PoolTimeout`);
 - the request could not be written out (`httpx.WriteError`): the service runs a program only after
   reading its whole body;
-- the answer is 503 (queue full, too many connections) or 429: refused before acceptance.
+- the answer is 503 (queue full, too many connections, or draining: the service is stopping and runs
+  nothing new) or 429: refused before acceptance.
 Everything else (the connection dropped or timed out after the request was sent, 502/504 from a
 proxy) may come after the program ran: it is reported, never retried, so no program runs twice.
 
 Backoff: attempt i (from 0) waits min(max_delay_s, base_delay_s * 2**i), scaled by a random factor in
-[0.5, 1], and at least the service's Retry-After; no attempt starts after `deadline_s`.
+[0.5, 1], and at least the shortest Retry-After among the endpoints that refused in that round (none:
+0); no attempt starts after `deadline_s`. A connection the service closed while it was idle in the
+pool is not reused (httpx drops it when it finds it closed, and the client keeps idle connections for
+less time than the service waits before closing them); one closed after the request went out raises
+`RemoteProtocolError`/`ReadError`: not retried.
 """
 
 from __future__ import annotations

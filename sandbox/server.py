@@ -5,16 +5,22 @@ A FastAPI application on uvicorn. Endpoints (SandboxFusion-compatible where Sand
   POST /run_tests  codelm's batch endpoint: one program, compiled once, many stdin/stdout test cases
   GET  /v1/ping    "pong" (SandboxFusion's liveness probe)
   GET  /health     JSON: languages with their versions, isolation features, pool occupancy, limits
+                   (readiness: 503 once the service is draining)
   GET  /docs       the OpenAPI page (schema at /openapi.json)
 
 Status codes: 200 for every executed request, including programs that fail and service-side
 `SandboxError`s (as SandboxFusion does); 422 with FastAPI's `detail: [{loc, msg, type}]` naming the
-bad field; 503 + `Retry-After` when the queue is full (the program was not run) or too many
-connections are open; 408/413 for a body too slow or too large (see `sandbox.bounds`).
+bad field; 503 + `Retry-After` when the program was not run: the queue is full, too many connections
+are open, or the service is draining; 408/413 for a body too slow or too large (see `sandbox.bounds`).
 
-A request whose client disconnects is cancelled, and its sandbox killed. SIGTERM stops accepting
-connections (after answering 503 for a second, so clients move away first), lets requests in progress
-finish for `--drain-timeout-s`, then cancels the rest.
+A request whose client disconnects is cancelled, and its sandbox killed. SIGTERM drains: the listener
+stays open, and every request not yet running (new, or waiting for a worker) is answered 503 +
+`Retry-After` + `Connection: close` with `status: draining` (not run: clients send it elsewhere, and
+keep away until the service is gone); /health answers the same, so balancers stop routing here.
+Requests running finish, for at most `--drain-timeout-s`. Once none runs and no request has come for
+`DRAIN_QUIET_S`, uvicorn shuts down: the listener closes (no client that was answered 503 comes back
+before), idle keep-alive connections close (`sandbox.bounds`), and what still runs is cancelled. A
+second signal stops at once.
 On start it prints `sandbox: listening on http://HOST:PORT` to stdout (with the real port when
 `--port 0`), after a self-test sandbox has run, so launchers can wait for that line.
 """
@@ -27,13 +33,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 import fastapi
@@ -50,7 +57,7 @@ from sandbox.api import (
     RunTestsRequest,
     RunTestsResponse,
 )
-from sandbox.bounds import RequestLimits, head_deadline_protocol
+from sandbox.bounds import DRAIN_IDLE_S, RequestLimits, head_deadline_protocol
 from sandbox.cgroups import CgroupSet, discover_cgroups
 from sandbox.executor import Executor, LanguageUnavailable, Program, runs_as_slot_uids
 from sandbox.hostmounts import private_mount_namespace
@@ -64,13 +71,25 @@ runs_log = logging.getLogger("sandbox.runs")  # one DEBUG line per executed requ
 READY_PREFIX = "sandbox: listening on "
 REQUEST_ID_HEADER = "X-Request-Id"
 INLINE_PREPARE_BYTES = 64 << 10  # requests whose `files` are smaller are validated on the event loop
-DRAIN_LINGER_S = 1.0  # on SIGTERM: answering 503 before the listener closes (see `stop` in `_run_server`)
+# Draining (see `_drain`): the listener closes only once no run request has been refused for this
+# long; and at most this long after the drain timeout, however many clients keep knocking.
+DRAIN_QUIET_S = 1.0
 
 Response = TypeVar("Response", RunCodeResponse, RunTestsResponse)
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; the work was cancelled."""
+
+
+class Draining(Exception):
+    """The service is stopping and did not run the request: 503, to be sent to another endpoint, and
+    to this one no sooner than `retry_after_s` (by then its listener is closed)."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("not accepted: this endpoint is draining (shutting down); the request was not run, "
+                         "send it to another endpoint")
+        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass
@@ -81,6 +100,24 @@ class Service:
     registry: Registry
     executor: Executor
     pool: WorkerPool
+    closes_by: float | None = None  # loop time by which the listener is closed; set when the drain begins
+    last_refused: float = 0.0  # loop time of the last run request refused while draining
+    drain_begun: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def begin_drain(self, closes_by: float) -> None:
+        self.closes_by = closes_by
+        self.last_refused = asyncio.get_running_loop().time()
+        self.drain_begun.set()
+
+    def refuse_if_draining(self, *, record: bool = True) -> None:
+        """Raise `Draining` once the drain has begun; `record`: the request counts as a client still
+        sending here (a probe does not)."""
+        if self.closes_by is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if record:
+            self.last_refused = now
+        raise Draining(math.ceil(max(0.0, self.closes_by - now)) + 1)
 
     def health(self) -> dict[str, Any]:
         host = self.executor.host
@@ -100,6 +137,7 @@ class Service:
     async def execute(self, run: RunCodeRequest | RunTestsRequest, request_id: str,
                       execute: Callable[[Any, Program, int], Awaitable[Response]],
                       response_type: type[Response]) -> Response:
+        self.refuse_if_draining()
         try:
             # Decoding large `files` is CPU work; small requests are validated in place (a thread hop
             # costs more than the work).
@@ -107,7 +145,7 @@ class Service:
             program = self.executor.prepare(run) if small else await asyncio.to_thread(self.executor.prepare, run)
         except LanguageUnavailable as e:
             return response_type(status=RunStatus.SANDBOX_ERROR, message=str(e))
-        async with self.pool.slot() as slot:
+        async with self._slot() as slot:
             runs_log.debug("run %s started in slot %d", request_id, slot)
             try:
                 return await execute(run, program, slot)
@@ -116,6 +154,28 @@ class Service:
                 return response_type(status=RunStatus.SANDBOX_ERROR, message=f"sandbox error: {type(e).__name__}: {e}")
             finally:
                 runs_log.debug("run %s ended", request_id)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[int]:
+        """A worker slot. A request still waiting for one when the drain begins is refused at once: it
+        has not run, and running it could outlast the drain timeout."""
+        async with contextlib.AsyncExitStack() as stack:
+            stats = self.pool.stats
+            if stats.queued == 0 and stats.running < stats.workers:  # a slot is free: taken without waiting
+                slot = await stack.enter_async_context(self.pool.slot())
+            else:
+                waiting = asyncio.ensure_future(stack.enter_async_context(self.pool.slot()))
+                drain = asyncio.ensure_future(self.drain_begun.wait())
+                try:
+                    await asyncio.wait({waiting, drain}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pending in (waiting, drain):
+                        pending.cancel()
+                    await asyncio.gather(waiting, drain, return_exceptions=True)
+                self.refuse_if_draining()  # before `waiting.result()`: it was cancelled if the drain came first
+                slot = waiting.result()  # Overloaded when the queue was full
+            self.refuse_if_draining()
+            yield slot
 
 
 async def _until_disconnected(request: fastapi.Request) -> None:
@@ -156,6 +216,11 @@ def create_app(service: Service) -> fastapi.FastAPI:
         return JSONResponse({"detail": f"server busy: {error}; retry later"}, status_code=503,
                             headers={"Retry-After": "1"})
 
+    @app.exception_handler(Draining)
+    async def draining(request: fastapi.Request, error: Draining) -> JSONResponse:
+        return JSONResponse({"status": "draining", "detail": str(error)}, status_code=503,
+                            headers={"Retry-After": str(error.retry_after_s), "Connection": "close"})
+
     @app.exception_handler(ClientGone)
     async def client_gone(request: fastapi.Request, error: ClientGone) -> fastapi.Response:
         return fastapi.Response(status_code=499)  # nobody reads it; uvicorn drops it
@@ -166,6 +231,7 @@ def create_app(service: Service) -> fastapi.FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        service.refuse_if_draining(record=False)
         return service.health()
 
     @app.post("/run_code", response_model=RunCodeResponse)
@@ -206,7 +272,7 @@ def _uvicorn_config(app: fastapi.FastAPI, config: config_lib.SandboxConfig) -> u
         app, http=head_deadline_protocol(config.header_timeout_s), lifespan="off", access_log=False,
         log_config=None, server_header=False, limit_concurrency=config.max_connections,
         backlog=config.max_connections, timeout_keep_alive=int(config.keepalive_timeout_s),
-        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        timeout_graceful_shutdown=int(config.drain_timeout_s),  # `_drain` sets it when shutting down
         h11_max_incomplete_event_size=config.max_header_bytes)
 
 
@@ -251,7 +317,7 @@ async def serve(config: config_lib.SandboxConfig, ready: Callable[[str, int], No
         log.info("isolation: bwrap=%s seccomp=%s cgroups v%s %s workspace=%s workers=%d queue=%d", host.bwrap,
                  host.seccomp_report, cgroups.version, cgroups.report, executor.workspace_kind, config.workers,
                  config.max_queue)
-        await _run_server(create_app(service), config, ready)
+        await _run_server(service, ready)
     finally:
         cgroups.remove()
         if host is not None:
@@ -259,24 +325,45 @@ async def serve(config: config_lib.SandboxConfig, ready: Callable[[str, int], No
         remove_tree(state_dir, refuse_mounts=True)
 
 
-async def _run_server(app: fastapi.FastAPI, config: config_lib.SandboxConfig,
-                      ready: Callable[[str, int], None] | None) -> None:
+async def _drain(server: uvicorn.Server, service: Service, deadline: float) -> None:
+    """Begun by SIGTERM: refuse what is not running yet (503, see `Service.refuse_if_draining`) while
+    the runs in progress finish, for up to `deadline` (loop time); then shut uvicorn down.
+
+    The listener stays open until no run request has been refused for `DRAIN_QUIET_S`: closing it
+    resets the connections the kernel has queued on it, after their request may have gone out, and the
+    client of such a request cannot tell that it did not run. Every client answered 503 was told (in
+    Retry-After) to stay away until after the listener is closed."""
+    loop = asyncio.get_running_loop()
+    service.begin_drain(closes_by=deadline + DRAIN_QUIET_S)
+    log.info("draining: %d running; new requests are refused", service.pool.stats.running)
+    while True:
+        now = loop.time()
+        running = service.pool.stats.running > 0 and now < deadline
+        if (not running and now - service.last_refused >= DRAIN_QUIET_S) or now >= deadline + DRAIN_QUIET_S:
+            break
+        await asyncio.sleep(0.05)
+    # uvicorn closes an idle keep-alive connection only once it is idle for DRAIN_IDLE_S (`sandbox.bounds`);
+    # runs still going past the drain timeout are cancelled at once.
+    server.config.timeout_graceful_shutdown = 0 if service.pool.stats.running else DRAIN_IDLE_S + 0.5
+    log.info("drained: shutting down%s", f" and cancelling {service.pool.stats.running} runs past the drain timeout"
+             if service.pool.stats.running else "")
+    server.should_exit = True
+
+
+async def _run_server(service: Service, ready: Callable[[str, int], None] | None) -> None:
     """Serve until a signal; then drain, cancel what is left and wait until every request is gone."""
+    config = service.config
     listener = socket.create_server((config.host, config.port), backlog=config.max_connections,
                                     family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    server = _Server(_uvicorn_config(app, config))
+    server = _Server(_uvicorn_config(create_app(service), config))
     loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task] = []
 
     def stop() -> None:
-        """First refuse new requests with 503 for a moment, so clients take this endpoint out of
-        rotation while it still answers; then close the listener and drain what is running."""
-        if server.config.limit_concurrency == 0:  # a second signal skips the drain
+        if draining:  # a second signal skips the drain
             server.force_exit = server.should_exit = True
             return
-        server.config.limit_concurrency = 0
-        for connection in server.server_state.connections:
-            connection.limit_concurrency = 0
-        loop.call_later(DRAIN_LINGER_S, setattr, server, "should_exit", True)
+        draining.append(asyncio.create_task(_drain(server, service, loop.time() + config.drain_timeout_s)))
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
@@ -289,7 +376,9 @@ async def _run_server(app: fastapi.FastAPI, config: config_lib.SandboxConfig,
         await asyncio.shield(serving)
     finally:
         server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        for task in draining:
+            task.cancel()
+        await asyncio.gather(serving, *draining, return_exceptions=True)
         # Requests cancelled after the drain: their sandboxes are killed and their workspaces removed
         # before the state directory goes.
         await asyncio.gather(*server.server_state.tasks, return_exceptions=True)

@@ -205,6 +205,57 @@ async def _with_deadline(transport):
         await client.run_code(RunCodeRequest(code="", language="python"))
 
 
+def test_a_refusal_keeps_the_endpoint_down_for_its_retry_after():
+    endpoints = EndpointPool(["http://a", "http://b"], base_cooldown_s=0.5)
+    draining = endpoints.endpoints[0]
+    endpoints.mark_down(draining, 30.0)
+    assert 29.0 < draining.down_until - time.monotonic() <= 30.0
+    assert {endpoints.pick().url for _ in range(4)} == {"http://b"}
+
+
+def test_a_round_of_refusals_waits_for_the_first_endpoint_back():
+    """a refuses without Retry-After, b asks for 30 s: the call backs off briefly, then tries a again."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.host)
+        if request.url.host == "b":
+            return httpx.Response(503, json={"detail": "scripted"}, headers={"Retry-After": "30"})
+        if len(attempts) == 1:
+            return httpx.Response(503, json={"detail": "scripted"})
+        return httpx.Response(200, json=OK_BODY)
+
+    attempts = []
+    started = time.monotonic()
+    assert call(["http://a", "http://b"], httpx.MockTransport(handle)).status == RunStatus.SUCCESS
+    assert attempts == ["a", "b", "a"] and time.monotonic() - started < 5.0
+
+
+def test_an_endpoint_marked_down_while_a_call_waits_for_a_slot_does_not_get_it():
+    async def scenario():
+        release = asyncio.Event()
+
+        async def handle(request: httpx.Request) -> httpx.Response:
+            attempts.append(request.url.host)
+            if len(attempts) == 1:
+                await release.wait()
+            return httpx.Response(200, json=OK_BODY)
+
+        attempts = []
+        async with SandboxClient(["http://a", "http://b"], transport=httpx.MockTransport(handle),
+                                 max_concurrency=1) as client:
+            request = RunCodeRequest(code="print(1)", language="python")
+            first = asyncio.create_task(client.run_code(request))
+            while not attempts:
+                await asyncio.sleep(0)
+            second = asyncio.create_task(client.run_code(request))  # waits for the one slot
+            await asyncio.sleep(0.01)
+            client.endpoints.mark_down(client.endpoints.endpoints[1], 30.0)  # b starts draining meanwhile
+            release.set()
+            await asyncio.gather(first, second)
+        return attempts
+
+    assert asyncio.run(scenario()) == ["a", "a"]
+
+
 def test_spreads_load_over_endpoints():
     endpoints = EndpointPool(["http://a", "http://b", "http://c"])
     busy = endpoints.pick()

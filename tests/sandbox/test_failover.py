@@ -1,10 +1,14 @@
 """Two endpoints, one of which goes away mid-load: the multi-endpoint client carries on with the
 other, loses nothing it could safely retry, and runs no program twice (checked against the services'
-per-request run logs, keyed by the X-Request-Id every attempt of a call carries)."""
+per-request run logs, keyed by the X-Request-Id every attempt of a call carries). A draining service
+(SIGTERM) loses nothing at all."""
 
 import asyncio
 import re
 import signal
+import time
+
+import httpx
 
 from sandbox.api import RunCodeRequest, RunStatus
 from sandbox.cgroups import CgroupSet
@@ -61,19 +65,56 @@ def test_endpoint_drained_by_sigterm_runs_everything_once():
 
         results = asyncio.run(scenario())
         assert second.proc.wait(30) == 0
-        started = runs_started(first) + runs_started(second)
+        started_second = runs_started(second)
+        started = runs_started(first) + started_second
     finally:
         first.stop()
         second.stop()
-    succeeded = {rid: r for rid, r in results.items() if not isinstance(r, Exception)}
-    assert all(r.status == RunStatus.SUCCESS and r.run_result.stdout == f"{rid[4:]}\n" for rid, r in succeeded.items())
-    assert sorted(started) == sorted(succeeded)  # every answered request ran exactly once
-    # Known race (see sandbox/README.md): a connection the kernel queued just as the listener closed is
-    # reset after the request went out. Such a request did not run anywhere, but the client cannot know:
-    # it reports it as possibly run instead of risking a second run.
     unanswered = {rid: r for rid, r in results.items() if isinstance(r, Exception)}
-    assert all(e.may_have_run for e in unanswered.values()) and len(unanswered) <= 2, unanswered
-    assert not set(unanswered) & set(started)
+    assert unanswered == {}  # nothing lost: what the draining endpoint had not started went elsewhere
+    assert all(r.status == RunStatus.SUCCESS and r.run_result.stdout == f"{rid[4:]}\n" for rid, r in results.items())
+    assert sorted(started) == sorted(results)  # every request ran exactly once
+    assert started_second  # the drained endpoint did take part
+
+
+def test_a_draining_service_finishes_what_runs_and_refuses_the_rest():
+    """SIGTERM with one request running and one queued: the running one is answered; the queued one, a
+    new one and /health are refused with 503 (not run, Retry-After until the service is gone, the
+    connection closed after the answer); then the service exits without waiting out its drain timeout."""
+    service = LocalSandbox(workers=1, max_queue=4, drain_timeout_s=30, log_level="DEBUG").start()
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=service.url, timeout=60) as http:
+                def run(i: int, sleep_s: float):
+                    body = RunCodeRequest(code=f"import time\ntime.sleep({sleep_s})\nprint({i})", language="python")
+                    return http.post("/run_code", content=body.model_dump_json(),
+                                     headers={"X-Request-Id": f"req-{i}", "Content-Type": "application/json"})
+
+                running = asyncio.create_task(run(0, 1.5))
+                while (await http.get("/health")).json()["pool"]["running"] < 1:
+                    await asyncio.sleep(0.01)
+                queued = asyncio.create_task(run(1, 0))
+                while (await http.get("/health")).json()["pool"]["queued"] < 1:
+                    await asyncio.sleep(0.01)
+                service.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                while (health := await http.get("/health")).status_code == 200:
+                    await asyncio.sleep(0.01)
+                return signalled, health, await run(2, 0), await queued, await running
+
+        signalled, health, new, queued, running = asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert service.proc.wait(20) == 0
+        stopped_after = time.monotonic() - signalled
+        started = runs_started(service)
+    finally:
+        service.stop()
+    assert running.status_code == 200 and running.json()["run_result"]["stdout"] == "0\n"
+    for refused in (health, new, queued):
+        assert refused.status_code == 503 and refused.json()["status"] == "draining"
+        assert refused.headers["connection"] == "close" and 30 <= int(refused.headers["retry-after"]) <= 33
+    assert "not run" in new.json()["detail"]
+    assert started == ["req-0"]
+    assert stopped_after < 10  # the run took 1.5 s; the drain timeout is 30 s
 
 
 def test_endpoint_killed_mid_load_runs_nothing_twice():
