@@ -58,6 +58,27 @@ def test_client_backs_off_until_the_service_has_room(tiny_service):
     assert rejected > 0  # some attempts were refused and retried
 
 
+def test_a_queued_request_whose_client_leaves_gives_its_place_back(tiny_service):
+    async def scenario():
+        async with SandboxClient(tiny_service.url, retry=RetryPolicy(max_attempts=1)) as client:
+            running = asyncio.create_task(client.run_code(SLEEP))
+            while (await client.health())["pool"]["running"] < 1:
+                await asyncio.sleep(0.01)
+            leaving = asyncio.create_task(client.run_code(SLEEP))
+            while (await client.health())["pool"]["queued"] < 1:
+                await asyncio.sleep(0.01)
+            leaving.cancel()  # closes its connection
+            while (await client.health())["pool"]["queued"] > 0:
+                await asyncio.sleep(0.01)
+            await running
+            after = await client.run_code(RunCodeRequest(code="print('next')", language="python"))
+            return after, (await client.health())["pool"]
+
+    after, pool = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert after.run_result.stdout == "next\n"
+    assert pool["running"] == pool["queued"] == 0
+
+
 def test_run_many_keeps_order_and_reports_progress(service):
     progress = []
 
