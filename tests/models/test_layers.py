@@ -1,6 +1,7 @@
 """Layers against independent references: naive attention loops, published RoPE formulas (via
 transformers' own implementations), norm formulas."""
 
+import functools
 import itertools
 
 import jax.numpy as jnp
@@ -9,7 +10,16 @@ import pytest
 from flax import nnx
 
 from models.config import RopeScaling
-from models.layers import LayerNorm, RMSNorm, apply_rope, attention_kernel, attention_mask, rope_frequencies
+from models.layers import (
+    AttentionMask,
+    LayerNorm,
+    RMSNorm,
+    apply_rope,
+    attention_kernel,
+    attention_mask,
+    chunked_attention,
+    rope_frequencies,
+)
 
 
 def naive_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window):
@@ -33,8 +43,12 @@ def naive_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window):
     return out
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,window", [(4, 4, 0), (4, 2, 0), (4, 1, 0), (4, 2, 3)])
-def test_attention_matches_naive_reference(n_heads, n_kv_heads, window):
+# query_chunk 4 splits the 9 queries into 4 + 4 + 1; causal=False is the KV-cache path's mask.
+@pytest.mark.parametrize("n_heads,n_kv_heads,window,causal,query_chunk", [
+    (4, 4, 0, True, 4), (4, 2, 0, True, 4), (4, 1, 0, True, 4), (4, 2, 3, True, 4), (4, 2, 0, True, 128),
+    (4, 2, 3, False, 4), (4, 2, 0, False, 128),
+])
+def test_attention_matches_naive_reference(n_heads, n_kv_heads, window, causal, query_chunk):
     rng = np.random.default_rng(0)
     b, t, h = 2, 9, 8
     q = rng.normal(size=(b, t, n_heads, h)).astype(np.float32)
@@ -43,11 +57,23 @@ def test_attention_matches_naive_reference(n_heads, n_kv_heads, window):
     # Row 0: two packed documents then padding; row 1: one document.
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0, 0], [1] * 9], np.int32)
     pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(9))], np.int32)
-    mask = attention_mask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(seg), window)
-    got = np.asarray(attention_kernel("xla")(q, k, v, mask))
+    mask = AttentionMask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(seg), window, causal)
+    kernel = attention_kernel("xla") if query_chunk == 128 else functools.partial(chunked_attention, query_chunk=query_chunk)
+    got = np.asarray(kernel(q, k, v, mask))
     want = naive_attention(q, k, v, pos, pos, seg, seg, window)
     real = seg > 0  # padding rows attend among themselves; their output is never used
     np.testing.assert_allclose(got[real], want[real], atol=2e-5)
+
+
+def test_causal_mask_is_the_document_mask_and_key_index_at_most_query_index():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    pos = jnp.array([[0, 1, 0, 1, 0]])
+    dense = np.asarray(AttentionMask(pos, pos, seg, seg).dense())[0, 0]
+    causal = np.asarray(AttentionMask(pos, pos, seg, seg, causal=True).dense())[0, 0]
+    np.testing.assert_array_equal(dense, np.asarray(attention_mask(pos, pos, seg, seg))[0, 0])
+    np.testing.assert_array_equal(causal[:4, :4], dense[:4, :4])  # packed documents: nothing changes
+    np.testing.assert_array_equal(causal, dense & np.tri(5, dtype=bool))
+    assert np.asarray(AttentionMask(pos, pos, seg, seg, causal=True).block(2, 4, 4)).shape == (1, 1, 2, 4)
 
 
 def test_attention_mask_blocks_other_documents_and_future():
