@@ -368,6 +368,11 @@ def _single_threaded_blas():
             yield
 
 
+def _usable(result: OptimizeResult) -> bool:
+    """A finite objective at a point whose A, B, E (exp of its first three coordinates) are finite floats."""
+    return bool(np.isfinite(result.fun) and np.all(np.isfinite(result.x)) and np.all(result.x[:3] < 700.0))
+
+
 def _lbfgs(start: np.ndarray, log_data: tuple[np.ndarray, ...], delta: float,
            options: Mapping[str, float]) -> OptimizeResult:
     return minimize(huber_objective, start, args=(*log_data, delta), jac=True, method="L-BFGS-B",
@@ -442,7 +447,7 @@ def fit_chinchilla(points: ScalingPoints, grid: InitGrid = HOFFMANN_GRID, delta:
         for i, start in enumerate(starts):
             result = _lbfgs(start, log_data, delta, GRID_OPTIONS)
             n_unconverged += not result.success
-            if np.isfinite(result.fun) and np.all(np.isfinite(result.x)) and (best is None or result.fun < best.fun):
+            if _usable(result) and (best is None or result.fun < best.fun):
                 best, best_start = result, start
             if progress and (i + 1) % max(1, len(starts) // 10) == 0:
                 progress(f"fit: {i + 1}/{len(starts)} starts, best objective "
@@ -450,7 +455,7 @@ def fit_chinchilla(points: ScalingPoints, grid: InitGrid = HOFFMANN_GRID, delta:
         if best is None:
             raise RuntimeError(f"fit_chinchilla: all {len(starts)} L-BFGS-B runs diverged")
         polished = _lbfgs(best.x, log_data, delta, POLISH_OPTIONS)
-    winner = polished if polished.fun <= best.fun else best
+    winner = polished if _usable(polished) and polished.fun <= best.fun else best
     return ChinchillaFit(ChinchillaLaw.from_theta(winner.x), float(winner.fun), len(points), best_start,
                          len(starts), int(n_unconverged), delta)
 
@@ -499,7 +504,7 @@ def bootstrap(points: ScalingPoints, fit: ChinchillaFit, n_resamples: int, seed:
         for r in range(n_resamples):
             resampled = points.take(rng.integers(0, len(points), len(points)))
             result = _lbfgs(fit.law.theta, resampled.logs(), fit.delta, POLISH_OPTIONS)
-            if np.isfinite(result.fun) and np.all(np.isfinite(result.x)):
+            if _usable(result):
                 law = ChinchillaLaw.from_theta(result.x)
                 samples.append([getattr(law, name) for name in PARAM_NAMES])
             if progress and (r + 1) % max(1, n_resamples // 10) == 0:
