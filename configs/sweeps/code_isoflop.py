@@ -3,11 +3,11 @@
     python -m train.sweep --config=configs/sweeps/code_isoflop.py
     python -m analysis.report --results=results/scaling/code_isoflop.jsonl --out_dir=results/scaling
 
-Six sizes (7k-305k non-embedding parameters) x three compute budgets (FLOPs by the model's own
+Seven sizes (4k-305k non-embedding parameters) x three compute budgets (FLOPs by the model's own
 formula, 2x apart): every size sees three token budgets, D = C / flops_per_token(N), except the
-largest at the smallest budget (26 steps, under min_steps). Sized for a 2-core CPU shared with other
-jobs: about 35 minutes. (d16 and d24 were added after the first four sizes had run, when their
-IsoFLOP minima all sat at the smallest size; a rerun of the command trains only missing runs.) WSD with a 20%
+largest at the smallest budget (26 steps, under min_steps) and the smallest at the largest (over max_steps). Sized for a 2-core CPU shared with other
+jobs: about 35 minutes. (d16 and d24, then d12, were added after the larger sizes had run, when the
+IsoFLOP minima sat at the smallest size; a rerun of the command trains only missing runs.) WSD with a 20%
 decay: each size's longest run is the trunk the shorter budgets branch from.
 """
 
@@ -30,6 +30,7 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.results = "results/scaling/code_isoflop.jsonl"
     cfg.seeds = (0,)
     cfg.sizes = {
+        "d12": size(12, 2, 2, 1, 36),
         "d16": size(16, 2, 2, 1, 48),
         "d24": size(24, 2, 2, 1, 72),
         "d32": size(32, 2, 2, 1, 96),
