@@ -178,16 +178,20 @@ def plot_losses(runs: dict[str, Path], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_reward(run_dir: Path, path: Path) -> Path:
+def plot_reward(run_dir: Path, path: Path, window: int = 5) -> Path:
+    """Reward per rollout batch, its running mean over `window` batches, and the all-tests pass rate."""
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "rollout"]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["reward_mean"] for r in records], label="reward (batch mean)")
-    if records and "pass_rate" in records[0]:
+    rewards = [r["reward_mean"] for r in records]
+    ax.plot(steps, rewards, alpha=0.4, label="reward (batch mean)")
+    running = [statistics.fmean(rewards[max(0, i + 1 - window):i + 1]) for i in range(len(rewards))]
+    ax.plot(steps, running, linewidth=2, label=f"reward (mean of last {window} batches)")
+    if records and "pass_rate" in records[0] and any(r["pass_rate"] != r["reward_mean"] for r in records):
         ax.plot(steps, [r["pass_rate"] for r in records], label="pass rate (all tests)")
     ax.set_xlabel("policy update")
     ax.set_ylabel("reward")
-    ax.set_title("RL: reward per rollout batch")
+    ax.set_title("RL: reward per rollout batch (train problems)")
     ax.legend()
     return _save(fig, path)
 
