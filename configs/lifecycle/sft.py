@@ -2,37 +2,33 @@
 
     python -m train.sft --config=configs/lifecycle/sft.py:runs/lifecycle
 
-The generated train problems (evals/synthetic.py: a docstring with an example call -> the body), prompt
-and completion packed several per row, loss on the completion only. Held-out pass@k is the lifecycle's
-evaluation stage (the same for every checkpoint), so the run itself reports held-out loss only.
+The SFT default's recipe (configs/sft/quickstart.py) on the generated train problems only (evals/synthetic.py:
+a docstring with an example call -> the body), prompt and completion packed several per row, loss on the
+completion. Held-out pass@k is the lifecycle's evaluation stage (the same for every checkpoint), so the run
+itself reports held-out loss only.
 """
 
 from ml_collections import ConfigDict
 
 from configs import base
 from configs.lifecycle.layout import Layout
-from configs.sft import base as sft_base
+from configs.sft import quickstart
 
 
 def get_config(root: str = "") -> ConfigDict:
     layout = Layout(root) if root else Layout()
-    cfg = sft_base.get_config()
+    cfg = quickstart.get_config()
     cfg.sft.init_from = layout.pretrain
     cfg.data.sources = ConfigDict({
         "synthetic": base.source("jsonl", {"train": f"{layout.problems}/synthetic_train.jsonl",
                                            "validation": f"{layout.problems}/synthetic_validation.jsonl"}),
     })
-    cfg.data.seq_len = 256
-    cfg.data.batch_size = 16
+    # The problems alone are short (4,000 examples, ~1,370 packed rows): a higher rate and three epochs.
     cfg.optim.lr = 1e-3
-    cfg.optim.schedule = "cosine"
-    cfg.optim.min_lr_ratio = 0.1
     cfg.sft.epochs = 3.0
-    cfg.sft.warmup_ratio = 0.03
-    cfg.train.log_every = 10
+    cfg.sft.eval.problems = ""
     cfg.train.eval_every = 100
     cfg.train.eval_batches = 10
     cfg.train.output_dir = layout.sft
     cfg.checkpoint.every = 100
-    cfg.checkpoint.keep_last = 2
     return cfg
