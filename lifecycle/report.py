@@ -33,7 +33,6 @@ from lifecycle.stages import TRAINED  # noqa: E402
 from train.metrics import format_duration, read_metrics  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
-STATE_FILE = "lifecycle.json"
 CURATION_STAGES = ("read", "language", "quality", "decontam", "exact_dedup", "near_dedup", "pii")
 
 
@@ -51,8 +50,8 @@ def _median(values: Sequence[float]) -> float | None:
 
 def train_throughput(run_dir: str | Path) -> dict[str, Any]:
     """Median tokens/s (per device) and MFU of a training run's logged windows, the first (compilation) left out."""
-    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl")
-               if r.get("split") == "train" and "tokens_per_sec" in r] if (Path(run_dir) / "metrics.jsonl").is_file() else []
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if r.get("split") == "train" and "tokens_per_sec" in r] if path.is_file() else []
     steady = records[1:] or records
     return {"steps": max((r["step"] for r in records), default=0),
             "tokens_per_sec_per_device": _median([r["tokens_per_sec_per_device"] for r in steady]),
@@ -95,7 +94,7 @@ def trend(results: Sequence[PassAtK], key: str = "pass@1") -> str:
 
 def gather(layout: Layout) -> dict[str, Any]:
     """Everything the report shows, from the stages' outputs (missing stages are left out)."""
-    state = _json(Path(layout.root) / STATE_FILE) or {"stages": {}, "peak_tflops": 0.0}
+    state = _json(layout.state) or {"stages": {}, "peak_tflops": 0.0}
     stages = state["stages"]
     evals = {stage: _json(Path(layout.evaluation(stage)) / "results.json") for stage in TRAINED}
     data = {
@@ -253,7 +252,7 @@ def render(layout: Layout) -> Path:
 
 
 # What a run's record keeps: every input of the report, none of the checkpoints, shards or samples.
-RECORD_FILES = ("lifecycle.json", "data/corpus/stats.json", "data/curated/report.json",
+RECORD_FILES = (Path(Layout(".").state).name, "data/corpus/stats.json", "data/curated/report.json",
                 *(f"{stage}/{name}" for stage in TRAINED for name in ("metrics.jsonl", "run_config.json", "summary.json")),
                 *(f"eval/{stage}/{name}" for stage in TRAINED for name in ("results.json", "per_problem.md")),
                 "logs/*.log", "report/*")

@@ -40,7 +40,6 @@ from sandbox.local import LocalSandbox
 from train.metrics import format_duration
 
 _CONFIG = cli.define_config("configs/lifecycle/default.py")
-STATE_FILE = "lifecycle.json"
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -127,7 +126,7 @@ class LifecycleState:
 
     @classmethod
     def load(cls, root: str | Path) -> LifecycleState:
-        path = Path(root) / STATE_FILE
+        path = Path(Layout(str(root)).state)
         if not path.is_file():
             return cls(path)
         try:

@@ -18,6 +18,10 @@ class Layout:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    @property
+    def state(self) -> str:  # finished stages, their commands and times (lifecycle.run)
+        return self.path("lifecycle.json")
+
     # data
     @property
     def corpus(self) -> str:  # the embedded corpus and its tokenizer (data/corpus.py)
