@@ -15,6 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.attention import (  # noqa: F401  (the attention seam, re-exported where it used to live)
+    ATTENTION_KERNELS,
+    AttentionFn,
+    AttentionMask,
+    attention_kernel,
+    attention_mask,
+    available_attention_kernels,
+    chunked_attention,
+    register_attention_kernel,
+)
 from models.config import ModelConfig, RopeScaling
 from models.lora import with_adapter
 from models.sharding import LogicalAxes, constrain
@@ -130,124 +140,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attenti
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-# ---- attention -------------------------------------------------------------------------------------
-
-
-def attention_mask(
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
-    sliding_window: int = 0,
-) -> jax.Array:
-    """Boolean mask [B, 1, T, S]: a query sees keys of its own document at its position or before.
-
-    Positions restart at 0 in every packed document and segment ids number the documents (0 =
-    padding or an empty cache slot), so "same segment and kv_position <= q_position" is causal
-    attention within each document; with a sliding window W, only the last W positions are seen.
-    """
-    q_pos, kv_pos = q_positions[:, :, None], kv_positions[:, None, :]
-    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_pos <= q_pos)
-    if sliding_window:
-        mask &= q_pos - kv_pos < sliding_window
-    return mask[:, None, :, :]
-
-
-class AttentionMask(NamedTuple):
-    """Which keys each query sees, as the inputs of `attention_mask` rather than the [B, 1, T, S] mask
-    itself, so a kernel builds only the blocks it computes.
-
-    positions/segment ids: [B, T] of the queries, [B, S] of the keys. `causal` (static) additionally
-    masks every key that comes after the query in the row (key index > query index): true of the
-    training path, where queries and keys are the same row in order, and what lets a kernel skip the
-    blocks above the diagonal. For rows whose positions increase within each document (packed rows),
-    it changes no visible key.
-    """
-
-    q_positions: jax.Array
-    kv_positions: jax.Array
-    q_segment_ids: jax.Array
-    kv_segment_ids: jax.Array
-    sliding_window: int = 0
-    causal: bool = False
-
-    def block(self, q_start: int, q_end: int, kv_end: int) -> jax.Array:
-        """Mask [B, 1, q_end - q_start, kv_end] of queries [q_start, q_end) over keys [0, kv_end)."""
-        mask = attention_mask(self.q_positions[:, q_start:q_end], self.kv_positions[:, :kv_end],
-                              self.q_segment_ids[:, q_start:q_end], self.kv_segment_ids[:, :kv_end], self.sliding_window)
-        if self.causal:
-            q_index = np.arange(q_start, q_end)[:, None]
-            mask &= jnp.asarray(np.arange(kv_end)[None, :] <= q_index)
-        return mask
-
-    def dense(self) -> jax.Array:
-        """The whole mask [B, 1, T, S]."""
-        return self.block(0, self.q_positions.shape[1], self.kv_positions.shape[1])
-
-
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionMask], jax.Array]
-
-QUERY_CHUNK = 128
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, query_chunk: int = QUERY_CHUNK) -> jax.Array:
-    """Softmax attention in XLA, `query_chunk` queries at a time: q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H].
-
-    Query head j*G + g uses key/value head j (G = N / K), without repeating the keys. A causal mask
-    lets the chunk of queries [c0, c1) read keys [0, c1) only, so the scores above the diagonal are
-    neither computed nor kept for the backward pass (for T = 4 chunks, 10 of 16 blocks); each chunk
-    builds its own mask block. Scores and softmax are float32; heads are moved in front of the
-    sequence once, so the per-chunk products need no transposes.
-    """
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    group = n // kv_heads
-    q_t = jnp.transpose(q.reshape(b, t, kv_heads, group, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
-    k_t, v_t = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
-    scale = 1.0 / math.sqrt(h)
-    outs = []
-    for start in range(0, t, query_chunk):
-        end = min(start + query_chunk, t)
-        kv_end = min(end, s) if mask.causal else s
-        scores = jnp.einsum("bkgth,bksh->bkgts", q_t[:, :, :, start:end], k_t[:, :, :kv_end],
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(mask.block(start, end, kv_end)[:, :, None], scores * scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v_t[:, :, :kv_end]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
-
-
-def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="cudnn")
-
-
-# The seam for attention kernels: q [B, T, N, H], k/v [B, S, K, H] (K divides N), `AttentionMask`
-# -> [B, T, N, H]. Each kernel lists the platforms it runs on (None: all). A TPU splash-attention
-# kernel registers itself here under "splash".
-ATTENTION_KERNELS: dict[str, tuple[AttentionFn, tuple[str, ...] | None]] = {
-    "xla": (chunked_attention, None),
-    "cudnn": (_cudnn_attention, ("gpu",)),
-}
-
-
-def register_attention_kernel(name: str, fn: AttentionFn, platforms: tuple[str, ...] | None = None) -> None:
-    ATTENTION_KERNELS[name] = (fn, platforms)
-
-
-def available_attention_kernels(platform: str | None = None) -> list[str]:
-    """Kernel names that run on `platform` (default: JAX's default backend)."""
-    platform = platform or jax.default_backend()
-    return sorted(name for name, (_, platforms) in ATTENTION_KERNELS.items() if platforms is None or platform in platforms)
-
-
-def attention_kernel(name: str) -> AttentionFn:
-    available = available_attention_kernels()
-    if name not in available:
-        raise ValueError(
-            f"attention_impl: no kernel {name!r} on platform {jax.default_backend()!r}; available: {', '.join(available)}"
-        )
-    return ATTENTION_KERNELS[name][0]
+# ---- attention ----------------------------------------------------------------------------------
 
 
 class LayerCache(NamedTuple):
