@@ -17,7 +17,7 @@ from configs.schema import ConfigError, unknown_field
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "cudnn", "splash")  # kernels: models/attention
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax", "sigmoid")
