@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
 LORA_INITS = ("he_uniform", "he_normal")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' `layer_types` spelling
 
 
 
@@ -88,6 +89,12 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing; 0 disables
+    sparse_step: int = 1  # after the dense prefix, layer i is MoE iff (i + 1) % sparse_step == 0 (Qwen-MoE)
+    num_groups: int = 1  # group-limited routing: experts in `num_groups` groups, tokens pick from
+    topk_groups: int = 1  # the best `topk_groups` of them (DeepSeek-V2 / V3); 1 group: plain top-k
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers and (layer + 1) % self.sparse_step == 0
 
     def validate(self, n_layers: int, prefix: str = "moe") -> None:
         _check(self.num_experts >= 1, f"{prefix}.num_experts", "must be >= 1")
@@ -110,6 +117,55 @@ class MoEConfig:
         _check(self.capacity_factor > 0, f"{prefix}.capacity_factor", "must be > 0")
         for coef in ("aux_loss_coef", "router_z_loss_coef", "bias_update_rate"):
             _check(getattr(self, coef) >= 0, f"{prefix}.{coef}", f"must be >= 0, got {getattr(self, coef)}")
+        _check(self.sparse_step >= 1, f"{prefix}.sparse_step", f"must be >= 1, got {self.sparse_step}")
+        _check(
+            self.num_groups >= 1 and self.num_experts % self.num_groups == 0,
+            f"{prefix}.num_groups",
+            f"must divide num_experts={self.num_experts}, got {self.num_groups}",
+        )
+        _check(
+            1 <= self.topk_groups <= self.num_groups,
+            f"{prefix}.topk_groups",
+            f"must be in [1, num_groups={self.num_groups}], got {self.topk_groups}",
+        )
+        _check(
+            self.topk_groups * (self.num_experts // self.num_groups) >= self.experts_per_token,
+            f"{prefix}.topk_groups",
+            f"{self.topk_groups} groups of {self.num_experts // self.num_groups} experts hold fewer than "
+            f"experts_per_token={self.experts_per_token}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024, sec. 2.1; models/mla.py).
+
+    Queries: x -> [q_lora_rank] -> RMSNorm -> N heads of qk_nope_head_dim + qk_rope_head_dim
+    (q_lora_rank 0: one full-rank projection). Keys and values: x -> a latent c of kv_lora_rank
+    (RMS-normed) plus one RoPE key of qk_rope_head_dim shared by all heads; c -> N heads of
+    qk_nope_head_dim (keys, without position) and v_head_dim (values). The KV cache holds c and the
+    RoPE key only: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self, prefix: str = "mla") -> None:
+        _check(self.q_lora_rank >= 0, f"{prefix}.q_lora_rank", "must be >= 0 (0: a full-rank query projection)")
+        for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _check(getattr(self, field) > 0, f"{prefix}.{field}", f"must be > 0, got {getattr(self, field)}")
+        _check(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"{prefix}.qk_rope_head_dim",
+            f"must be a positive even integer, got {self.qk_rope_head_dim}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +239,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
     sliding_window: int = 0  # 0: full causal attention
+    # Per-layer attention: "full_attention" / "sliding_attention" (window `sliding_window`) per layer,
+    # as transformers writes `layer_types`; empty: every layer has `sliding_window`, unless
+    # `global_every` > 0 makes layer i full iff (i + 1) % global_every == 0 and the others sliding.
+    layer_types: tuple[str, ...] = ()
+    global_every: int = 0
     tie_embeddings: bool = False
     logit_softcap: float = 0.0  # 0: off; else logits = cap * tanh(logits / cap)
     max_seq_len: int = 4096
@@ -192,8 +253,10 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "full"
     attention_impl: str = "xla"
+    cross_entropy_chunk: int = 0  # tokens per row whose logits exist at once in the loss (0: all; train/step.py)
     moe: MoEConfig | None = None
     lora: LoRAConfig | None = None  # None: no adapters (models/lora.py)
+    mla: MLAConfig | None = None  # None: grouped-query attention; else multi-head latent attention
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
@@ -202,6 +265,12 @@ class ModelConfig:
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.lora, Mapping):
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        if isinstance(self.mla, Mapping):
+            object.__setattr__(self, "mla", MLAConfig(**self.mla))
+        if isinstance(self.layer_types, str):
+            object.__setattr__(self, "layer_types", tuple(t.strip() for t in self.layer_types.split(",") if t.strip()))
+        elif not isinstance(self.layer_types, tuple):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.head_dim == 0 and self.n_heads > 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         self.validate()
@@ -222,15 +291,32 @@ class ModelConfig:
         _check_choice(self.param_dtype, "param_dtype", DTYPES)
         _check_choice(self.remat, "remat", REMAT_POLICIES)
         _check_choice(self.attention_impl, "attention_impl", ATTENTION_IMPLS)
+        _check(self.cross_entropy_chunk >= 0, "cross_entropy_chunk", "must be >= 0 (0: whole logits)")
         _check(self.norm_eps > 0, "norm_eps", "must be > 0")
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
         _check(self.sliding_window >= 0, "sliding_window", "must be >= 0 (0 disables it)")
         _check(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 disables it)")
         self.rope_scaling.validate()
+        if self.layer_types:
+            _check(len(self.layer_types) == self.n_layers, "layer_types",
+                   f"needs one entry per layer ({self.n_layers}), got {len(self.layer_types)}")
+            for kind in self.layer_types:
+                _check_choice(kind, "layer_types", LAYER_TYPES)
+        _check(self.global_every >= 0, "global_every", "must be >= 0 (0 disables it)")
+        _check(not (self.layer_types and self.global_every), "global_every", "set layer_types or global_every, not both")
+        _check(
+            self.sliding_window > 0 or not (self.global_every or "sliding_attention" in self.layer_types),
+            "sliding_window", "sliding_attention layers need a window > 0",
+        )
         if self.moe is not None:
             self.moe.validate(self.n_layers)
         if self.lora is not None:
             self.lora.validate()
+        if self.mla is not None:
+            self.mla.validate()
+            _check(self.n_kv_heads == self.n_heads, "n_kv_heads", "multi-head latent attention has one key/value head per query head")
+            _check(not (self.qkv_bias or self.out_bias or self.qk_norm), "mla",
+                   "multi-head latent attention has no qkv_bias, out_bias or qk_norm")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -248,20 +334,44 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    @property
-    def n_dense_layers(self) -> int:
-        return self.n_layers if self.moe is None else self.moe.first_dense_layers
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of layer `layer` (0: full attention), from the layer schedule."""
+        if self.layer_types:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else 0
+        if self.global_every:
+            return 0 if (layer + 1) % self.global_every == 0 else self.sliding_window
+        return self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(layer)
 
     @property
     def n_moe_layers(self) -> int:
-        return self.n_layers - self.n_dense_layers
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
 
     def _attention_params(self) -> int:
+        if self.mla is not None:
+            return self._mla_params()
         d, q, kv = self.d_model, self.q_dim, self.kv_dim
         weights = d * q + 2 * d * kv + q * d
         biases = (q + 2 * kv if self.qkv_bias else 0) + (d if self.out_bias else 0)
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
         return weights + biases + qk_norm
+
+    def _mla_params(self) -> int:
+        assert self.mla is not None
+        m, d, n = self.mla, self.d_model, self.n_heads
+        if m.q_lora_rank:
+            query = d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * n * m.qk_head_dim
+        else:
+            query = d * n * m.qk_head_dim
+        latent = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+        up = m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
+        return query + latent + up + n * m.v_head_dim * d
 
     def _mlp_params(self, d_ff: int) -> int:
         d = self.d_model
@@ -310,14 +420,16 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
 
         Formula (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
-            6 * N_matmul + 12 * n_layers * n_heads * head_dim * T_attn
+            6 * N_matmul + sum over layers of 6 * n_heads * (qk_head_dim + v_head_dim) * T_attn
         N_matmul is `matmul_params_per_token()` (active parameters for MoE, LM head included,
-        embedding gather excluded); the second term is QK^T and AV over T_attn keys, forward (2 matmuls
-        x 2 FLOPs) times 3 for the backward pass. T_attn = seq_len, or the sliding window when smaller.
-        Like PaLM, the full attention matrix is counted (no discount for causal masking).
+        embedding gather excluded); the second term is QK^T and AV over T_attn keys, forward (2 FLOPs
+        per multiply-add) times 3 for the backward pass; qk_head_dim = v_head_dim = head_dim except
+        under MLA. T_attn = seq_len, or the layer's sliding window when smaller. Like PaLM, the full
+        attention matrix is counted (no discount for causal masking).
         """
-        t_attn = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
-        return 6.0 * self.matmul_params_per_token() + 12.0 * self.n_layers * self.q_dim * t_attn
+        qk, v = (self.mla.qk_head_dim, self.mla.v_head_dim) if self.mla else (self.head_dim, self.head_dim)
+        t_attn = sum(min(seq_len, w) if w else seq_len for w in map(self.layer_window, range(self.n_layers)))
+        return 6.0 * self.matmul_params_per_token() + 6.0 * self.n_heads * (qk + v) * t_attn
 
 
 # ---- presets ---------------------------------------------------------------------------------------
@@ -462,7 +574,7 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-_NESTED = {"rope_scaling": RopeScaling, "moe": MoEConfig, "lora": LoRAConfig}
+_NESTED = {"rope_scaling": RopeScaling, "moe": MoEConfig, "lora": LoRAConfig, "mla": MLAConfig}
 
 
 def _set_fields(values: Mapping[str, Any]) -> dict[str, Any]:

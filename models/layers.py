@@ -188,12 +188,17 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query / multi-query attention with RoPE, optional QKV bias and QK-norm."""
+    """Multi-head / grouped-query / multi-query attention with RoPE, optional QKV bias and QK-norm.
+
+    window: this layer's sliding window (0: full attention; None: `cfg.sliding_window`), so that a
+    model's layers can differ (`ModelConfig.layer_window`).
+    """
 
     LORA_WEIGHTS = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2)}  # models/lora.py
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, window: int | None = None, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.window = cfg.sliding_window if window is None else window
         pdt = dtype_of(cfg.param_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         init = normal(cfg.init_std)
@@ -252,7 +257,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D], positions/segment_ids [B, T] -> ([B, T, D], updated cache or None)."""
         q, k, v = self._qkv(x, positions)
-        window = self.cfg.sliding_window
+        window = self.window
         if cache is not None:
             cache = cache.append(k, v, positions, segment_ids)
             k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
@@ -288,8 +293,8 @@ class Attention(nnx.Module):
 
         slots = jnp.arange(window, dtype=positions.dtype)[None, None, :]
         mask = slots <= positions[:, :, None]  # [B, T, W]
-        if self.cfg.sliding_window:
-            mask &= positions[:, :, None] - slots < self.cfg.sliding_window
+        if self.window:
+            mask &= positions[:, :, None] - slots < self.window
         grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head j*G + g uses KV head j, as the kernels do
         scores = jnp.einsum("btkgh,bksh->bkgts", grouped, read(write_k), preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None], scores / math.sqrt(h), jnp.finfo(jnp.float32).min)

@@ -142,12 +142,27 @@ class Routing(NamedTuple):
     probs: jax.Array  # [..., E] float32 router probabilities (sum to 1 over E), for the balancing loss
 
 
+def limit_to_groups(choice: jax.Array, moe: MoEConfig) -> jax.Array:
+    """Group-limited routing (DeepSeek-V2 sec. 2.2.2, V3 sec. 2.1.2): choice scores [..., E] with the
+    experts outside each token's best `topk_groups` of `num_groups` groups set to -inf.
+
+    A group's score is its best expert's (softmax routers, DeepSeek-V2's group_limited_greedy) or the
+    sum of its best two (sigmoid routers, DeepSeek-V3), on the same biased scores the top-k uses.
+    """
+    grouped = choice.reshape(*choice.shape[:-1], moe.num_groups, moe.num_experts // moe.num_groups)
+    best = jax.lax.top_k(grouped, 1 if moe.router == "softmax" else min(2, grouped.shape[-1]))[0]
+    _, groups = jax.lax.top_k(jnp.sum(best, axis=-1), moe.topk_groups)  # [..., topk_groups]
+    keep = jnp.any(groups[..., :, None] == jnp.arange(moe.num_groups), axis=-2)  # [..., num_groups]
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
+
+
 def route(logits: jax.Array, selection_bias: jax.Array, moe: MoEConfig) -> Routing:
     """Top-K routing from logits [..., E].
 
-    softmax: scores = softmax(logits) (Mixtral, Qwen3-MoE). sigmoid: scores = sigmoid(logits)
-    (DeepSeek-V3). Experts are chosen by scores + selection_bias; their weights are the unbiased
-    scores, renormalised over the chosen K when `normalize_top_k`, times `routed_scaling`.
+    softmax: scores = softmax(logits) (Mixtral, Qwen3-MoE, DeepSeek-V2). sigmoid: scores =
+    sigmoid(logits) (DeepSeek-V3). Experts are chosen by scores + selection_bias, within the best
+    groups when `num_groups` > 1 (`limit_to_groups`); their weights are the unbiased scores,
+    renormalised over the chosen K when `normalize_top_k`, times `routed_scaling`.
     """
     logits = logits.astype(jnp.float32)
     if moe.router == "softmax":
@@ -156,7 +171,10 @@ def route(logits: jax.Array, selection_bias: jax.Array, moe: MoEConfig) -> Routi
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    _, expert_ids = jax.lax.top_k(scores + jax.lax.stop_gradient(selection_bias), moe.experts_per_token)
+    choice = scores + jax.lax.stop_gradient(selection_bias)
+    if moe.num_groups > 1:
+        choice = limit_to_groups(choice, moe)
+    _, expert_ids = jax.lax.top_k(choice, moe.experts_per_token)
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if moe.normalize_top_k:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -629,19 +647,25 @@ class MoEFeedForward(nnx.Module):
 def _expert_load_for(path: tuple[Any, ...], aux: Aux) -> jax.Array:
     """The expert_load entry of aux for the MoE layer at `path` in the module graph.
 
-    Decoder layers sit at ("stacks", <stack>, "blocks", [i,] "ffn"); their loads are
-    aux["<stack>/expert_load"] [n_layers, E] (row i for an unrolled stack). A bare layer uses
-    aux["expert_load"] [E].
+    Decoder layers sit at ("stacks", <stack>, "blocks", [j,] [r,] "ffn") (`models.decoder.LayerStack`:
+    j, the pattern position, only in stacks whose pattern has several layers; r, the repeat, only
+    when unrolled); their loads are aux["<stack>/[<j>/]expert_load"] [repeats, E] (row r when
+    unrolled). A bare layer uses aux["expert_load"] [E].
     """
+    indices: list[int] = []
     if "stacks" in path:
-        key = f"{path[path.index('stacks') + 1]}/expert_load"
+        stack = path[path.index("stacks") + 1]
+        indices = [p for p in path[path.index("stacks") + 2:] if isinstance(p, int)]
+        if indices and f"{stack}/{indices[0]}/expert_load" in aux:
+            key, indices = f"{stack}/{indices[0]}/expert_load", indices[1:]
+        else:
+            key = f"{stack}/expert_load"
     else:
         key = "expert_load"
     if key not in aux:
         raise KeyError(f"apply_bias_updates: aux has no {key!r} for the MoE layer at {'/'.join(map(str, path))}")
     load = aux[key]
-    layer = [p for p in path if isinstance(p, int)]
-    return load[layer[-1]] if layer else load
+    return load[indices[-1]] if indices else load
 
 
 def apply_bias_updates(model: nnx.Module, aux: Aux) -> None:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from configs.sharding_rules import DEFAULT_RULES
 from models.config import ConfigError, ModelConfig
-from models.decoder import Decoder
+from models.decoder import Decoder, plan_stacks
 from models.hf.family import LAYER_PREFIX, Family, HFConfig, TensorMap
 from models.hf.layouts import Layout
 from models.hf.registry import get_family, infer_family
@@ -88,38 +88,38 @@ class ParamSource:
     layout: Layout
 
 
-def _stacks(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
-    """(stack name, first HF layer, number of layers, is MoE) in the order the Decoder builds them."""
-    stacks = []
-    if cfg.n_dense_layers:
-        stacks.append(("dense", 0, cfg.n_dense_layers, False))
-    if cfg.n_moe_layers:
-        stacks.append(("moe", cfg.n_dense_layers, cfg.n_moe_layers, True))
-    return stacks
-
-
 def param_sources(cfg: ModelConfig, family: Family) -> list[ParamSource]:
-    """Every codelm parameter of `Decoder(cfg)` with the HF tensors of `family` that make it."""
+    """Every codelm parameter of `Decoder(cfg)` with the HF tensors of `family` that make it.
+
+    A stack's pattern position j (`models.decoder.LayerStack`) is layer first + r * period + j of
+    repeat r; positions are a path component only in stacks whose pattern has several layers."""
     sources = [ParamSource(t.codelm, np.array(t.hf), t.layout) for t in family.global_tensors(cfg)]
-    for stack, first_layer, n_layers, moe in _stacks(cfg):
-        for tensor in family.block_tensors(cfg, moe):
-            template = LAYER_PREFIX + tensor.hf
+    for plan in plan_stacks(cfg):
+        for j, spec in enumerate(plan.pattern):
+            prefix = ("stacks", plan.name, "blocks") + ((j,) if len(plan.pattern) > 1 else ())
+            for tensor in family.block_tensors(cfg, spec.moe):
+                template = LAYER_PREFIX + tensor.hf
 
-            def layer_names(layer: int, tensor: TensorMap = tensor, template: str = template) -> np.ndarray:
-                if tensor.per_expert:
-                    return np.array([template.format(layer=layer, expert=e) for e in range(cfg.moe.num_experts)])
-                return np.array(template.format(layer=layer))
+                def layer_names(layer: int, tensor: TensorMap = tensor, template: str = template) -> np.ndarray:
+                    if tensor.per_expert:
+                        return np.array([template.format(layer=layer, expert=e) for e in range(cfg.moe.num_experts)])
+                    return np.array(template.format(layer=layer))
 
-            prefix = ("stacks", stack, "blocks")
-            if cfg.scan_layers:
-                names = np.stack([layer_names(first_layer + i) for i in range(n_layers)])
-                sources.append(ParamSource((*prefix, *tensor.codelm), names, tensor.layout))
-            else:
-                sources += [
-                    ParamSource((*prefix, i, *tensor.codelm), layer_names(first_layer + i), tensor.layout)
-                    for i in range(n_layers)
-                ]
+                layers = [plan.layer(r, j) for r in range(plan.repeats)]
+                if cfg.scan_layers:
+                    names = np.stack([layer_names(layer) for layer in layers])
+                    sources.append(ParamSource((*prefix, *tensor.codelm), names, tensor.layout))
+                else:
+                    sources += [ParamSource((*prefix, r, *tensor.codelm), layer_names(layer), tensor.layout)
+                                for r, layer in enumerate(layers)]
     return sources
+
+
+def _mapped(flat: Mapping[StatePath, nnx.Variable], sources: list[ParamSource]) -> set[StatePath]:
+    """The variables a checkpoint holds: every parameter, and the buffers the family maps (DeepSeek-V3's
+    router bias, `e_score_correction_bias`)."""
+    planned = {s.path for s in sources}
+    return {path for path, variable in flat.items() if isinstance(variable, nnx.Param) or path in planned}
 
 
 def _check_covers(sources: list[ParamSource], state_paths: set[StatePath], family: Family) -> None:
@@ -185,7 +185,7 @@ def load_hf_checkpoint(
     flat = dict(nnx.to_flat_state(abstract_state))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules))) if mesh else {}
     sources = param_sources(cfg, family)
-    params = {path for path, variable in flat.items() if isinstance(variable, nnx.Param)}
+    params = _mapped(flat, sources)
     _check_covers(sources, params, family)
     for path in set(flat) - params:  # buffers HF has no counterpart for (the MoE selection bias) start at zero
         value = flat[path].get_value()
@@ -219,9 +219,9 @@ def _to_host(value: jax.Array) -> np.ndarray:
 
 
 def _hf_tensors(model: Decoder, family: Family, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
     sources = param_sources(model.cfg, family)
-    _check_covers(sources, set(flat), family)
+    _check_covers(sources, _mapped(flat, sources), family)
     for source in sources:
         value = _to_host(flat[source.path].get_value())
         for index in np.ndindex(source.names.shape):

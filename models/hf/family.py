@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from models.config import ConfigError, ModelConfig, RopeScaling
+from models.config import LAYER_TYPES, ConfigError, ModelConfig, RopeScaling
 from models.hf.layouts import HeadsBias, HeadsIn, HeadsOut, Layout, Same, Transposed
 
 # Every block lives under this prefix; global tensors are listed in `Family.global_tensors`.
@@ -144,7 +144,10 @@ class Family:
     activations: ClassVar[tuple[str, ...]] = ("silu",)
     norm_eps_key: ClassVar[str] = "rms_norm_eps"
     # ModelConfig fields this family cannot change (checked before export).
-    fixed: ClassVar[Mapping[str, Any]] = {"norm": "rms", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0}
+    fixed: ClassVar[Mapping[str, Any]] = {"norm": "rms", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0,
+                                          "layer_types": (), "global_every": 0, "mla": None}
+    # Families whose config.json has per-layer `layer_types` leave these two out of `fixed`.
+    SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = ("layer_types", "global_every")
 
     # -- config.json -> ModelConfig
 
@@ -208,7 +211,7 @@ class Family:
     def family_config(self, cfg: ModelConfig) -> dict[str, Any]:
         if cfg.qkv_bias != cfg.out_bias:
             raise ConfigError(f"qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}: {self.model_type} has one attention_bias")
-        if cfg.sliding_window:
+        if any(map(cfg.layer_window, range(cfg.n_layers))):
             raise ConfigError(f"sliding_window={cfg.sliding_window}: {self.model_type} has no sliding-window attention")
         return {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
 
@@ -265,28 +268,49 @@ class Family:
         return name.endswith(".rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
-def qwen_sliding_window(hf: HFConfig) -> int:
-    """The one sliding window of a Qwen2/Qwen3 config (`use_sliding_window`, `max_window_layers`,
-    `layer_types`), as transformers applies it; 0 for none. Mixed per-layer windows are rejected."""
+def layer_schedule_fields(window: int | None, layer_types: list[str], source: str) -> dict[str, Any]:
+    """ModelConfig `sliding_window` and `layer_types` for per-layer types as transformers writes
+    them: a "sliding_attention" layer has `window` (None: no window, as transformers reads it), a
+    "full_attention" layer none; uniform layers need no `layer_types`."""
+    for kind in layer_types:
+        if kind not in LAYER_TYPES:
+            raise ConfigError(f"{source}: field 'layer_types': {kind!r}; codelm supports {', '.join(LAYER_TYPES)}")
+    kinds = {kind if window else "full_attention" for kind in layer_types}
+    if kinds == {"full_attention"}:
+        return {"sliding_window": 0, "layer_types": ()}
+    if kinds == {"sliding_attention"}:
+        return {"sliding_window": window, "layer_types": ()}
+    return {"sliding_window": window, "layer_types": tuple(layer_types)}
+
+
+def write_layer_types(cfg: ModelConfig) -> list[str]:
+    return ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.n_layers)]
+
+
+def qwen_sliding_window(hf: HFConfig) -> dict[str, Any]:
+    """`sliding_window` and `layer_types` of a Qwen2/Qwen3 config (`use_sliding_window`, `layer_types`,
+    else `max_window_layers`: layers from that index on slide), as transformers applies them."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
     n_layers = hf.get("num_hidden_layers")
     layer_types = hf.values.get("layer_types") or [
         "sliding_attention" if window is not None and i >= hf.get("max_window_layers") else "full_attention"
         for i in range(n_layers)
     ]
-    windows = {window if kind == "sliding_attention" else None for kind in layer_types}
-    if len(windows) > 1:
-        raise ConfigError(f"{hf.source}: layers with and without sliding windows (layer_types / max_window_layers) are not supported")
-    return windows.pop() or 0
+    if len(layer_types) != n_layers:
+        raise hf.error("layer_types", f"needs one entry per layer ({n_layers})")
+    return layer_schedule_fields(window, list(layer_types), hf.source)
 
 
 def qwen_sliding_window_config(cfg: ModelConfig) -> dict[str, Any]:
-    window = cfg.sliding_window
+    """Qwen2/Qwen3 window fields: explicit `layer_types`, and `max_window_layers` at the first sliding
+    layer for readers that predate `layer_types` (exact when the sliding layers are a suffix)."""
+    layer_types = write_layer_types(cfg)
+    sliding = "sliding_attention" in layer_types
     return {
-        "use_sliding_window": bool(window),
-        "sliding_window": window or None,
-        "max_window_layers": 0 if window else cfg.n_layers,
-        "layer_types": ["sliding_attention" if window else "full_attention"] * cfg.n_layers,
+        "use_sliding_window": sliding,
+        "sliding_window": cfg.sliding_window if sliding else None,
+        "max_window_layers": layer_types.index("sliding_attention") if sliding else cfg.n_layers,
+        "layer_types": layer_types,
     }
 
 
@@ -299,7 +323,7 @@ class MoEFamily(Family):
     # MoEConfig fields these families cannot change. bias_update_rate: HF has no selection bias, and
     # it stays zero (its initial value, which import gives it) only when never updated.
     fixed_moe: ClassVar[Mapping[str, Any]] = {"router": "softmax", "num_shared_experts": 0, "routed_scaling": 1.0,
-                                              "bias_update_rate": 0.0}
+                                              "bias_update_rate": 0.0, "num_groups": 1, "topk_groups": 1}
 
     def check_moe(self, cfg: ModelConfig) -> None:
         if cfg.moe is None:

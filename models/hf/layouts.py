@@ -85,3 +85,30 @@ class HeadsBias(Layout):
 
     def to_hf(self, codelm: np.ndarray) -> np.ndarray:
         return codelm.reshape(self.heads * self.head_dim)
+
+
+def _deinterleave(rows: int, group: int, rope: int) -> np.ndarray:
+    """Row order that moves, in every `group` consecutive rows, the last `rope` rows from interleaved
+    RoPE pairs (x0, x1), (x2, x3), ... to codelm's halves (x0, x2, ...), (x1, x3, ...)."""
+    within = np.arange(group)
+    within[group - rope:] = group - rope + np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)])
+    return (np.arange(rows // group)[:, None] * group + within[None, :]).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeRows(Layout):
+    """An `inner` layout whose HF output rows hold RoPE dimensions as interleaved pairs (DeepSeek):
+    in each block of `group` rows (one head, or the whole output) the last `rope` rows are reordered
+    to the half-split layout of `models.layers.apply_rope`. Queries and keys get the same order, so
+    their dot products, the only place these rows go, are unchanged."""
+
+    inner: Layout
+    group: int
+    rope: int
+
+    def to_codelm(self, hf: np.ndarray) -> np.ndarray:
+        return self.inner.to_codelm(hf[_deinterleave(hf.shape[0], self.group, self.rope)])
+
+    def to_hf(self, codelm: np.ndarray) -> np.ndarray:
+        hf = self.inner.to_hf(codelm)
+        return hf[np.argsort(_deinterleave(hf.shape[0], self.group, self.rope))]

@@ -25,7 +25,7 @@ class Mixtral(MoEFamily, Mistral):
     }
     moe_prefix = "block_sparse_moe"
     expert_projections = {"gate": "w1", "up": "w3", "down": "w2"}
-    fixed_moe = {**MoEFamily.fixed_moe, "normalize_top_k": True, "first_dense_layers": 0}
+    fixed_moe = {**MoEFamily.fixed_moe, "normalize_top_k": True, "first_dense_layers": 0, "sparse_step": 1}
 
     def family_fields(self, hf: HFConfig) -> dict[str, Any]:
         experts = hf.values.get("num_local_experts", hf.values.get("num_experts", hf.defaults["num_local_experts"]))

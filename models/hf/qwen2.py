@@ -21,10 +21,11 @@ class Qwen2(Family):
         "max_window_layers": 28,
         "rope_theta": 10000.0,
     }
-    fixed = {**Family.fixed, "qkv_bias": True, "out_bias": False, "mlp_bias": False}
+    fixed = {**{k: v for k, v in Family.fixed.items() if k not in Family.SCHEDULE_FIELDS},
+             "qkv_bias": True, "out_bias": False, "mlp_bias": False}
 
     def family_fields(self, hf: HFConfig) -> dict[str, Any]:
-        return dict(qkv_bias=True, out_bias=False, mlp_bias=False, sliding_window=qwen_sliding_window(hf))
+        return dict(qkv_bias=True, out_bias=False, mlp_bias=False, **qwen_sliding_window(hf))
 
     def family_config(self, cfg: ModelConfig) -> dict[str, Any]:
         return qwen_sliding_window_config(cfg)

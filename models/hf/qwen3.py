@@ -22,11 +22,11 @@ class Qwen3(Family):
         "max_window_layers": 28,
         "rope_theta": 10000.0,
     }
-    fixed = {**Family.fixed, "qk_norm": True, "mlp_bias": False}
+    fixed = {**{k: v for k, v in Family.fixed.items() if k not in Family.SCHEDULE_FIELDS}, "qk_norm": True, "mlp_bias": False}
 
     def family_fields(self, hf: HFConfig) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias"))
-        return dict(qk_norm=True, qkv_bias=bias, out_bias=bias, sliding_window=qwen_sliding_window(hf))
+        return dict(qk_norm=True, qkv_bias=bias, out_bias=bias, **qwen_sliding_window(hf))
 
     def family_config(self, cfg: ModelConfig) -> dict[str, Any]:
         if cfg.qkv_bias != cfg.out_bias:

@@ -32,6 +32,15 @@ FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
     "starcoder2": {"sliding_window": 4},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True},
+    # MLA (one key/value head per query head, q_lora_rank set) and 8 experts in 4 groups, a dense layer first.
+    "deepseek_v2": {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 16,
+                    "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 3,
+                    "moe_intermediate_size": 32, "n_shared_experts": 2, "first_k_dense_replace": 1, "num_hidden_layers": 3,
+                    "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5},
+    "deepseek_v3": {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16,
+                    "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 3,
+                    "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3,
+                    "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True},
 }
 
 

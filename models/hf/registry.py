@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from models.config import ConfigError, ModelConfig
+from models.hf.deepseek import DeepseekV2, DeepseekV3
 from models.hf.family import Family
 from models.hf.llama import Llama
 from models.hf.mistral import Mistral
@@ -13,7 +14,10 @@ from models.hf.qwen3_moe import Qwen3Moe
 from models.hf.starcoder2 import Starcoder2
 
 # Order matters for `infer_family`: the first family that can express a config is chosen.
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (Llama(), Qwen2(), Qwen3(), Mistral(), Starcoder2(), Mixtral(), Qwen3Moe())}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (Llama(), Qwen2(), Qwen3(), Mistral(), Starcoder2(), Mixtral(), Qwen3Moe(), DeepseekV3(), DeepseekV2())
+}
 
 
 def get_family(model_type: str, source: str = "family") -> Family:
@@ -23,7 +27,7 @@ def get_family(model_type: str, source: str = "family") -> Family:
 
 
 def infer_family(cfg: ModelConfig) -> Family:
-    """The first family (Llama, Qwen2, Qwen3, Mistral, StarCoder2, Mixtral, Qwen3-MoE) that can express `cfg`."""
+    """The first family (in `FAMILIES` order) that can express `cfg`."""
     reasons = []
     for family in FAMILIES.values():
         try:

@@ -1,0 +1,76 @@
+"""Multi-head latent attention in the decoder: the compressed cache holds kv_lora_rank + qk_rope_head_dim
+numbers per token and layer, decoding through it (absorbed projections, never expanding keys or values)
+gives the tokens and log-probabilities of full forward passes, the LayerCache path equals a full forward,
+and the parameter formula counts what is built."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.config import MLAConfig, MoEConfig, get_preset
+from models.decoder import Decoder, count_params
+from models.mla import MultiHeadLatentAttention
+from models.sampler import Sampler
+from tests.models.test_sampler import PROMPTS, full_forward_logprobs, greedy_without_cache
+
+MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+
+
+def tiny(**overrides):
+    fields = dict(vocab_size=128, d_model=64, n_heads=4, n_kv_heads=4, d_ff=128, n_layers=3, dtype="float32",
+                  init_std=0.2, max_seq_len=256, mla=MLA,
+                  moe=MoEConfig(num_experts=8, experts_per_token=2, expert_d_ff=32, num_shared_experts=1,
+                                first_dense_layers=1, router="sigmoid", num_groups=4, topk_groups=2))
+    return get_preset("tiny", **{**fields, **overrides})
+
+
+def test_the_cache_holds_the_latent_and_rope_key_only():
+    model = nnx.eval_shape(lambda: Decoder(tiny(), rngs=nnx.Rngs(0)))
+    cache = jax.eval_shape(lambda: model.init_kv_cache(batch=2, length=32, dtype="float32"))
+    assert {name: (c.k.shape, c.v.shape) for name, c in cache.items()} == {
+        "dense": ((1, 2, 1, 32, 16), (1, 2, 1, 32, 8)), "moe": ((2, 2, 1, 32, 16), (2, 2, 1, 32, 8))}
+    assert isinstance(model.stacks["moe"].blocks.attn, MultiHeadLatentAttention)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mla": MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
+                                                             qk_rope_head_dim=8, v_head_dim=16), "scan_layers": False}],
+                         ids=["q_lora-scanned", "full_rank_q-unrolled"])
+def test_greedy_decoding_through_the_compressed_cache_equals_full_forwards(overrides):
+    model = Decoder(tiny(**overrides), rngs=nnx.Rngs(1))
+    out = Sampler(model).generate(PROMPTS, max_new_tokens=8)
+    for prompt, tokens, logprobs in zip(PROMPTS, out.tokens, out.logprobs):
+        assert tokens == greedy_without_cache(model, prompt, 8)
+        np.testing.assert_allclose(logprobs, full_forward_logprobs(model, prompt, tokens), atol=5e-5)
+
+
+@pytest.mark.slow
+def test_layer_cache_path_equals_full_forward():
+    model = Decoder(tiny(sliding_window=4, global_every=3), rngs=nnx.Rngs(2))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, size=(2, 10)))
+    full = model(tokens).logits
+    out = model(tokens[:, :6], cache=model.init_cache(batch=2, length=16, dtype="float32"))
+    steps, cache = [out.logits], out.cache
+    for t in range(6, 10):
+        out = model(tokens[:, t:t + 1], positions=jnp.full((2, 1), t), cache=cache)
+        steps.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize("mla", [MLA, MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                                v_head_dim=16)], ids=["q_lora", "full_rank_q"])
+def test_param_count_formula_equals_the_built_model(mla):
+    cfg = tiny(mla=mla)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    assert count_params(model) == cfg.param_count()
+
+
+def test_mla_gradients_flow_to_every_projection():
+    model = Decoder(tiny(moe=None, n_layers=1), rngs=nnx.Rngs(3))
+    grads = nnx.grad(lambda m: jnp.mean(m(jnp.arange(16).reshape(2, 8)).logits ** 2))(model)
+    attn = grads.stacks["dense"].blocks.attn
+    for name in ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"):
+        assert float(jnp.abs(attn[name][...]).max()) > 0, name
+    assert jax.tree.leaves(attn["kv_norm"])  # the latent's norm is trained too
