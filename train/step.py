@@ -40,26 +40,71 @@ def model_aux_loss(aux: dict[str, jax.Array]) -> jax.Array:
     return sum(terms, jnp.zeros((), jnp.float32))
 
 
-def next_token_loss(model: nnx.Module, batch: Batch, z_loss: float = 0.0) -> LossOutput:
+def token_loss_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropies, sum of log(Z)^2) over tokens with mask > 0: logits [..., V] (made
+    float32), targets and mask [...]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask)
+
+
+def chunked_token_loss_sums(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """`token_loss_sums(head(hidden), targets, mask)` without the [B, T, V] logits: a scan over pieces
+    of `chunk` tokens per row, each piece's logits [B, chunk, V] recomputed in the backward pass
+    (`jax.checkpoint`) instead of kept. hidden [B, T, D]; targets, mask [B, T].
+
+    Piece i holds tokens i, i + n, i + 2n, ... (n = T / chunk pieces): strided rather than contiguous,
+    so that when T is sharded over devices (context parallelism) every piece is spread over all of
+    them and no piece needs another device's tokens. Rows are padded (mask 0) to a multiple of `chunk`.
+    """
+    b, t, d = hidden.shape
+    pad = -t % chunk
+    if pad:
+        hidden, targets, mask = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (hidden, targets, mask))
+    n = (t + pad) // chunk
+
+    def pieces(x: jax.Array) -> jax.Array:  # [B, chunk * n, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)
+
+    @jax.checkpoint
+    def piece_sums(h: jax.Array, tgt: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return token_loss_sums(head(h), tgt, m)
+
+    def add_piece(carry: tuple[jax.Array, jax.Array], piece: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, jax.Array], None]:
+        return jax.tree.map(jnp.add, carry, piece_sums(*piece)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(add_piece, (zero, zero), (pieces(hidden), pieces(targets), pieces(mask)))
+    return sums
+
+
+def next_token_loss(model: nnx.Module, batch: Batch, z_loss: float = 0.0, chunk: int | None = None) -> LossOutput:
     """Cross-entropy of `targets` given `inputs`, over positions where loss_mask > 0.
 
     batch: inputs, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] float32.
     z_loss adds z_loss * log(Z)^2 per token (PaLM), keeping the softmax normaliser near 1.
+    chunk (default `model.cfg.cross_entropy_chunk`): tokens per row whose logits exist at once
+    (`chunked_token_loss_sums`); 0 computes the whole [B, T, V] logits.
     """
-    out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logits = out.logits.astype(jnp.float32)
+    chunk = model.cfg.cross_entropy_chunk if chunk is None else chunk
     mask = batch["loss_mask"].astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    xent = log_z - target_logit
+    if chunk:
+        hidden, aux, _ = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+        xent_sum, log_z_sq_sum = chunked_token_loss_sums(model.logits, hidden, batch["targets"], mask, chunk)
+    else:
+        out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        aux = out.aux
+        xent_sum, log_z_sq_sum = token_loss_sums(out.logits, batch["targets"], mask)
     n_tokens = jnp.sum(mask)
-    xent_sum = jnp.sum(xent * mask)
-    z_sum = z_loss * jnp.sum(jnp.square(log_z) * mask)
-    aux_loss = model_aux_loss(out.aux)
+    z_sum = z_loss * log_z_sq_sum
+    aux_loss = model_aux_loss(aux)
     total = xent_sum + z_sum + aux_loss * n_tokens
     # The model's aux outputs keep their per-layer axis ([layers] or [layers, experts]); the loop's
     # logger summarises them and `post_update` (MoE bias balancing) reads them.
-    metrics = {"xent": xent_sum / jnp.maximum(n_tokens, 1), "aux_loss": aux_loss, **out.aux}
+    metrics = {"xent": xent_sum / jnp.maximum(n_tokens, 1), "aux_loss": aux_loss, **aux}
     if z_loss:
         metrics["z_loss"] = z_sum / jnp.maximum(n_tokens, 1)
     return LossOutput(total, n_tokens, metrics)
