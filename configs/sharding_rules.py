@@ -6,7 +6,9 @@ same array are skipped, so one table serves parameters and activations.
 
 Mesh axes, outermost first: data (pure data parallelism), fsdp (data parallelism with parameters,
 gradients and optimizer state sharded), expert (MoE experts; batch elsewhere), sequence (context
-parallelism), tensor (Megatron-style model parallelism, innermost so it rides the fastest links).
+parallelism: every activation split along T, attention all-gathering keys and values per shard in
+models/attention/parallel.py), tensor (Megatron-style model parallelism, innermost so it rides the
+fastest links).
 """
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
