@@ -93,7 +93,7 @@ def main() -> None:
         "mesh": args.mesh,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
-        "flop_formula": "flops_per_token(seq) = 6*N_active_matmul + 12*n_layers*n_heads*head_dim*seq",
+        "flop_formula": "flops_per_token(seq) = 6*N_active_matmul + sum over layers of 6*n_heads*(qk_head_dim + v_head_dim)*min(seq, window)",
         "results": results,
         "step_time_vs_dense": {r["impl"]: round(r["step_time_s"] / dense_s, 2) for r in results[1:]},
     }, indent=2))

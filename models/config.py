@@ -567,6 +567,54 @@ def _moe_presets() -> dict[str, ModelConfig]:
 PRESETS.update(_moe_presets())
 
 
+def _mla_presets() -> dict[str, ModelConfig]:
+    """Released DeepSeek MLA-MoE models (shapes from their Hugging Face config.json), Qwen3-Coder's MoE,
+    and CPU-sized models of the two DeepSeek routing styles.
+
+    Difference from the originals: their context extension (DeepSeek's YaRN variant with mscale,
+    factor 40) is left out, so max_seq_len is the 4096 tokens of pretraining. DeepSeek-V3's
+    multi-token-prediction module (14B more parameters) is not part of the model.
+    """
+    lite_mla = MLAConfig(q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    real = [
+        # deepseek-ai/DeepSeek-Coder-V2-Lite-Base: MLA without a query bottleneck, 64 experts + 2 shared, top-6
+        # by softmax, not renormalised; the first layer dense.
+        ModelConfig(name="deepseek-coder-v2-lite", vocab_size=102400, d_model=2048, n_layers=27, n_heads=16,
+                    n_kv_heads=16, head_dim=64, d_ff=10944, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=4096,
+                    mla=lite_mla,
+                    moe=MoEConfig(num_experts=64, experts_per_token=6, expert_d_ff=1408, num_shared_experts=2,
+                                  first_dense_layers=1, normalize_top_k=False)),
+        # deepseek-ai/DeepSeek-V3-Base: MLA with a 1536 query bottleneck; 256 experts + 1 shared, top-8 by sigmoid
+        # within the best 4 of 8 groups, renormalised, x2.5; auxiliary-loss-free balancing at rate 0.001
+        # (DeepSeek-V3 report, sec. 4.2); the first 3 layers dense.
+        ModelConfig(name="deepseek-v3", vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, n_kv_heads=128,
+                    head_dim=64, d_ff=18432, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=4096,
+                    mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                  v_head_dim=128),
+                    moe=MoEConfig(num_experts=256, experts_per_token=8, expert_d_ff=2048, num_shared_experts=1,
+                                  first_dense_layers=3, router="sigmoid", routed_scaling=2.5, num_groups=8,
+                                  topk_groups=4, bias_update_rate=0.001)),
+        # Qwen/Qwen3-Coder-30B-A3B-Instruct: Qwen3-30B-A3B's shapes, RoPE base 1e7, 256K context.
+        PRESETS["qwen3-30b-a3b"].replace(name="qwen3-coder-30b-a3b", rope_theta=10_000_000.0, max_seq_len=262144),
+    ]
+    # The `tiny` trunk with MLA (latent 64, RoPE key 32) and each DeepSeek routing style.
+    tiny = PRESETS["tiny"].replace(n_kv_heads=PRESETS["tiny"].n_heads)
+    small_mla = MLAConfig(q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
+    small = [
+        tiny.replace(name="deepseek-v2-lite-tiny", mla=small_mla,
+                     moe=MoEConfig(num_experts=64, experts_per_token=6, expert_d_ff=64, num_shared_experts=2,
+                                   first_dense_layers=1, normalize_top_k=False)),
+        tiny.replace(name="deepseek-v3-tiny", mla=dataclasses.replace(small_mla, q_lora_rank=96),
+                     moe=MoEConfig(num_experts=32, experts_per_token=4, expert_d_ff=96, num_shared_experts=1,
+                                   first_dense_layers=1, router="sigmoid", routed_scaling=2.5, num_groups=4,
+                                   topk_groups=2, bias_update_rate=0.001)),
+    ]
+    return {p.name: p for p in real + small}
+
+
+PRESETS.update(_mla_presets())
+
+
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """Returns the named preset, with `overrides` applied (validated)."""
     if name not in PRESETS:

@@ -3,6 +3,8 @@ numbers per token and layer, decoding through it (absorbed projections, never ex
 gives the tokens and log-probabilities of full forward passes, the LayerCache path equals a full forward,
 and the parameter formula counts what is built."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,53 @@ def test_mla_gradients_flow_to_every_projection():
     for name in ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"):
         assert float(jnp.abs(attn[name][...]).max()) > 0, name
     assert jax.tree.leaves(attn["kv_norm"])  # the latent's norm is trained too
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+
+# (total, active) in billions as published. DeepSeek-Coder-V2-Lite: model page 15.7B, model card 2.4B
+# active; DeepSeek-V3 report: 671B total, 37B activated. DeepSeek's active figures leave out the input
+# embedding (a lookup), i.e. they are `matmul_params_per_token`; compared within one unit of the last
+# published digit, totals within 0.5%.
+PUBLISHED = {"deepseek-coder-v2-lite": (15.7, 2.4, 0.1), "deepseek-v3": (671.0, 37.0, 1.0)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_deepseek_param_counts_match_published(name):
+    total, active, unit = PUBLISHED[name]
+    cfg = get_preset(name)
+    assert abs(cfg.param_count() / 1e9 - total) / total < 0.005, cfg.param_count()
+    assert abs(cfg.matmul_params_per_token() / 1e9 - active) < unit, cfg.matmul_params_per_token()
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    assert count_params(model) == cfg.param_count()
+
+
+@pytest.mark.slow
+def test_expert_parallel_mla_moe_decoder_equals_unsharded():
+    """deepseek-v3-tiny (narrowed) with experts split 4 ways and fsdp 2: logits, aux and gradients equal
+    one device's."""
+    from configs.sharding_rules import DEFAULT_RULES
+    from models.sharding import create_sharded, make_mesh, sharding_context
+
+    cfg = get_preset("deepseek-v3-tiny", vocab_size=128, d_model=64, n_layers=2, dtype="float32", remat="none",
+                     mla=MLA, moe=dataclasses.replace(get_preset("deepseek-v3-tiny").moe, num_experts=8, expert_d_ff=32))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, size=(8, 8)))
+
+    def loss(model):
+        out = model(tokens)
+        return jnp.mean(out.logits ** 2) + sum(jnp.sum(v) for k, v in out.aux.items() if "/loss_" in k), out
+
+    def run(model):
+        (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return out.logits, out.aux, nnx.to_pure_dict(grads)
+
+    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    ref = nnx.jit(run)(make())
+    mesh = make_mesh({"expert": 4, "fsdp": 2})
+    model = create_sharded(make, mesh, DEFAULT_RULES)
+    assert model.stacks["moe"].blocks.ffn.experts.up.get_value().sharding.spec[1] == "expert"
+    with sharding_context(mesh, DEFAULT_RULES):
+        got = nnx.jit(run)(model)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got[1], ref[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[2], ref[2])

@@ -20,8 +20,9 @@ PUBLISHED = {
     "deepseek-moe-16b": (16.4, 2.8),
     "qwen3-30b-a3b": (30.5, 3.3),
     "olmoe-1b-7b": (6.9, 1.3),
+    "qwen3-coder-30b-a3b": (30.5, 3.3),  # Qwen3-Coder-30B-A3B-Instruct model card
 }
-TINY = ["mixtral-tiny", "deepseek-moe-tiny", "qwen3-moe-tiny", "olmoe-tiny"]
+TINY = ["mixtral-tiny", "deepseek-moe-tiny", "qwen3-moe-tiny", "olmoe-tiny", "deepseek-v2-lite-tiny", "deepseek-v3-tiny"]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -35,11 +35,11 @@ def preset_shardings(name: str) -> dict[str, str]:
     return {"/".join(map(str, path)): str(v.get_value().spec) for path, v in nnx.to_flat_state(shardings)}
 
 
-def dense_presets() -> list[str]:
-    return sorted(n for n, cfg in PRESETS.items() if cfg.moe is None)
+def golden_presets() -> list[str]:
+    return sorted(PRESETS)
 
 
-@pytest.mark.parametrize("name", dense_presets())
+@pytest.mark.parametrize("name", golden_presets())
 def test_preset_parameter_shardings_match_golden_table(name):
     golden = json.loads(GOLDEN.read_text())
     assert name in golden, f"no golden table for {name}; regenerate with `python -m tests.models.test_sharding`"
@@ -59,6 +59,13 @@ def test_golden_table_spot_checks():
     assert llama["lm_head"] == str(P("fsdp", "tensor"))
     # Scanned stacks keep their leading "layers" axis replicated.
     assert golden["starcoder2-3b"]["stacks/dense/blocks/attn_norm/bias"] == str(P(None, None))
+    # MLA: heads over tensor, the latent dims replicated; DeepSeek-V3's 256 experts over the expert axis,
+    # expert widths over tensor.
+    v3 = golden["deepseek-v3"]
+    assert v3["stacks/moe/blocks/attn/kv_a_proj"] == str(P(None, "fsdp", None))
+    assert v3["stacks/moe/blocks/attn/kv_b_proj"] == str(P(None, None, "tensor", None))
+    assert v3["stacks/moe/blocks/attn/o_proj"] == str(P(None, "tensor", None, "fsdp"))
+    assert v3["stacks/moe/blocks/ffn/experts/up"] == str(P(None, "expert", "fsdp", "tensor"))
 
 
 def test_indivisible_dimensions_are_replicated():
@@ -121,5 +128,5 @@ def test_mesh_shapes_for_one_and_several_slices():
 
 
 if __name__ == "__main__":
-    GOLDEN.write_text(json.dumps({name: preset_shardings(name) for name in dense_presets()}, indent=1, sort_keys=True) + "\n")
+    GOLDEN.write_text(json.dumps({name: preset_shardings(name) for name in golden_presets()}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")
