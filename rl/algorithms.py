@@ -2,7 +2,9 @@
 dynamic sampling and overlong shaping. Pure functions of arrays; `rl.train` wires them together.
 
 Shapes: P prompts per rollout batch, G samples per prompt (a group), N = P * G sequences, T response
-tokens per sequence (right padded; `mask` [.., T] is 1 on response tokens that train).
+tokens per sequence (right padded; `mask` [.., T] is 1 on response tokens that train). The device-side
+functions also take packed rows (`Packing`: several sequences per row told apart by segment ids, as the
+rollouts pack them to skip padding); "per sequence" then means per packed sequence, never per row.
 
 Advantages (host side, numpy, outcome rewards: one scalar per sequence), `advantages(name, rewards [P, G],
 mask [P, G, T]) -> [P, G, T]`:
@@ -158,35 +160,62 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def aggregate(loss: jax.Array, mask: jax.Array, mode: Aggregation,
-              horizon: int | None = None) -> tuple[jax.Array, jax.Array]:
+class Packing(NamedTuple):
+    """Where the sequences are when several share a row (sequence packing, no padding to compute): segment
+    ids [N, T] number a row's sequences 1..`max_per_row` (0: padding). None stands for one sequence per row."""
+
+    segment_ids: jax.Array
+    max_per_row: int  # static
+
+
+def sequence_sums(x: jax.Array, packing: Packing | None) -> jax.Array:
+    """Per-sequence sums of `x` [N, T]: [N, 1] with one sequence per row, [N, S] for packed rows (S =
+    max_per_row; a slot without a sequence sums to 0)."""
+    if packing is None:
+        return jnp.sum(x, axis=-1, keepdims=True)
+    slots = jnp.arange(1, packing.max_per_row + 1)
+    members = (packing.segment_ids[..., None] == slots).astype(x.dtype)  # [N, T, S]
+    return jnp.einsum("nt,nts->ns", x, members)
+
+
+def per_token(values: jax.Array, packing: Packing | None) -> jax.Array:
+    """A per-sequence value [N, S] (from `sequence_sums`) back on each of the sequence's tokens [N, T]."""
+    if packing is None:
+        return jnp.broadcast_to(values, (values.shape[0], 1))
+    return jnp.take_along_axis(values, jnp.maximum(packing.segment_ids - 1, 0), axis=1)
+
+
+def aggregate(loss: jax.Array, mask: jax.Array, mode: Aggregation, horizon: int | None = None,
+              packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum, weight) of per-token `loss` [N, T] over `mask` [N, T]: sum / weight is the aggregated loss,
     and sums and weights of micro-batches add up to the whole batch's (module docstring). `horizon` is
     seq-mean-token-sum-norm's constant token count (Dr.GRPO's generation budget, verl's loss_scale_factor);
-    None: T, which is the response budget only when the rows hold response tokens alone."""
+    None: T, which is the response budget only when the rows hold response tokens alone. With `packing`,
+    the sequence modes count each packed sequence, not each row."""
     mask = mask.astype(jnp.float32)
-    per_seq_tokens = jnp.sum(mask, axis=-1)  # [N]
-    has_tokens = (per_seq_tokens > 0).astype(jnp.float32)
     if mode == "token-mean":
         return jnp.sum(loss * mask), jnp.sum(mask)
+    per_seq_tokens = sequence_sums(mask, packing)  # [N, S]
+    sequences = jnp.sum((per_seq_tokens > 0).astype(jnp.float32))
     if mode == "seq-mean-token-mean":
-        return jnp.sum(jnp.sum(loss * mask, axis=-1) / jnp.maximum(per_seq_tokens, 1.0)), jnp.sum(has_tokens)
+        return jnp.sum(sequence_sums(loss * mask, packing) / jnp.maximum(per_seq_tokens, 1.0)), sequences
     if mode == "seq-mean-token-sum":
-        return jnp.sum(loss * mask), jnp.sum(has_tokens)
+        return jnp.sum(loss * mask), sequences
     if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(loss * mask), jnp.sum(has_tokens) * (loss.shape[-1] if horizon is None else horizon)
+        return jnp.sum(loss * mask), sequences * (loss.shape[-1] if horizon is None else horizon)
     raise ValueError(f"aggregation: {mode!r}; known: {', '.join(AGGREGATIONS)}")
 
 
-def log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, level: RatioLevel) -> jax.Array:
+def log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, level: RatioLevel,
+              packing: Packing | None = None) -> jax.Array:
     """log importance ratio [N, T] of the current policy to the old one, per token ("token") or GSPO's
     length-normalised sequence ratio with a per-token gradient ("sequence")."""
     delta = jnp.clip(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     if level == "token":
         return delta
     if level == "sequence":
-        seq = jnp.sum(delta * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)  # [N]
-        combined = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(seq)[:, None]
+        seq = sequence_sums(delta * mask, packing) / jnp.maximum(sequence_sums(mask, packing), 1.0)  # [N, S]
+        combined = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(per_token(seq, packing))
         return jnp.minimum(combined, 10.0)  # verl's bound for GSPO
     raise ValueError(f"ratio level: {level!r}; known: token, sequence")
 
@@ -198,13 +227,14 @@ class PolicyLoss(NamedTuple):
 
 
 def ppo_clip(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Array, *, clip_low: float,
-             clip_high: float, level: RatioLevel = "token", dual_clip: float = 0.0) -> PolicyLoss:
+             clip_high: float, level: RatioLevel = "token", dual_clip: float = 0.0,
+             packing: Packing | None = None) -> PolicyLoss:
     """PPO's clipped surrogate with separate bounds: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)),
     all [N, T]. level "sequence" is GSPO. dual_clip c > 1 also bounds the loss of negative advantages by
     -A c (dual-clip PPO, arXiv:1912.09729; verl's clip_ratio_c); 0 disables it."""
     if dual_clip and dual_clip <= 1.0:  # c <= 1 would bound the loss at or below its on-policy value
         raise ValueError(f"dual_clip: {dual_clip}; must be > 1, or 0 to disable it")
-    ratio = jnp.exp(log_ratio(logp, old_logp, mask, level))
+    ratio = jnp.exp(log_ratio(logp, old_logp, mask, level, packing))
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = jnp.maximum(unclipped, clipped)

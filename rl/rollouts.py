@@ -20,7 +20,10 @@ trainer's shardings and the compiled sampling programs are reused.
 
 Batch fields, [rows, L] with L = seq_len (prompt + response, right padded), the response tokens of
 sequence i being targets at positions len(prompt) - 1 ...: inputs, targets, positions, segment_ids
-(int32); loss_mask, advantages, old_logp (float32); ref_logp and sampler_logp when used.
+(int32); loss_mask, advantages, old_logp (float32); ref_logp and sampler_logp when used. With
+`sequences_per_row` > 1 each mini-batch's sequences are packed into as few rows as fit (`pack_rows`:
+segment ids 1, 2, ... tell them apart and positions restart), so an update computes on tokens rather
+than on padding; row counts are rounded to a few buckets, so the train step compiles a few shapes.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class RolloutSettings:
     reward_chunks: int = 2
     recompute_old_logp: bool = False  # old log-probs from a trainer forward pass (needed for truncated IS)
     kl: bool = False  # reference log-probs needed
+    sequences_per_row: int = 1  # > 1: pack up to this many sequences into a row (no compute on padding)
+    row_quantum: int = 1  # packed row counts are multiples of this (data-parallel shards x micro-batches)
 
 
 def _encode(arrays: dict[str, np.ndarray]) -> str:
@@ -73,6 +78,51 @@ def _decode(text: str) -> dict[str, np.ndarray]:
 def prompt_seed(seed: int, rollout: int, round_: int, position: int) -> int:
     """The sampling seed of one prompt: a function of where it is in the run only."""
     return int(np.random.SeedSequence([seed, rollout, round_, position]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def packed_row_count(needed: int, rows: int, quantum: int) -> int:
+    """Rows for `needed` packed rows out of at most `rows`: rounded up to a quarter of `rows` (so the train
+    step sees at most four shapes), to a multiple of `quantum`, and never more than `rows`."""
+    bucket = -(-max(rows // 4, 1) // quantum) * quantum
+    return min(rows, -(-needed // bucket) * bucket)
+
+
+def pack_rows(fields: dict[str, np.ndarray], lengths: Sequence[int], parts: int, max_per_row: int,
+              quantum: int = 1) -> dict[str, np.ndarray]:
+    """Rows [N, L] holding one sequence each (its first `lengths[i]` tokens; N divisible by `parts`) ->
+    [parts * R, L] rows holding up to `max_per_row` sequences each, part by part (a part's sequences stay
+    in its R rows: a mini-batch stays a mini-batch). First-fit decreasing by length; positions restart
+    at 0 in each sequence, segment ids number a row's sequences 1, 2, ...; every other field moves with
+    its tokens. R is the same for every part (`packed_row_count` of the fullest)."""
+    n, width = fields["inputs"].shape
+    per_part = n // parts
+    layouts = []  # per part: rows, each a list of sequence indices
+    for part in range(parts):
+        members = sorted(range(part * per_part, (part + 1) * per_part), key=lambda i: (-lengths[i], i))
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in members:
+            slot = next((r for r, room in enumerate(free) if room >= lengths[i] and len(rows[r]) < max_per_row), None)
+            if slot is None:
+                rows.append([])
+                free.append(width)
+                slot = len(rows) - 1
+            rows[slot].append(i)
+            free[slot] -= lengths[i]
+        layouts.append(rows)
+    count = packed_row_count(max(len(rows) for rows in layouts), per_part, quantum)
+    out = {k: np.zeros((parts * count, width), v.dtype) for k, v in fields.items()}
+    for part, rows in enumerate(layouts):
+        for r, members in enumerate(rows):
+            row, start = part * count + r, 0
+            for segment, i in enumerate(members, start=1):
+                span = slice(start, start + lengths[i])
+                for k, v in fields.items():
+                    out[k][row, span] = v[i, : lengths[i]]
+                out["positions"][row, span] = np.arange(lengths[i])
+                out["segment_ids"][row, span] = segment
+                start += lengths[i]
+    return out
 
 
 class RolloutSource:
@@ -252,6 +302,9 @@ class RolloutSource:
             fields["old_logp"] = self._score(prompts_ids, responses, self.policy(), rows)
         if s.kl:
             fields["ref_logp"] = self._score(prompts_ids, responses, self.ref_policy(), rows)
+        if s.sequences_per_row > 1:
+            fields = pack_rows(fields, list((fields["segment_ids"] > 0).sum(axis=1)), s.mini_batches,
+                               s.sequences_per_row, s.row_quantum)
         first = np.concatenate(all_rewards[:1])
         all_r = np.concatenate(all_rewards)
         metrics = {

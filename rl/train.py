@@ -40,6 +40,7 @@ from pydantic import Field
 from configs import cli as config_cli
 from configs.schema import ConfigError, section
 from data.tokenizers import load_tokenizer
+from evals.passk import paired_change
 from evals.problems import Problem, load_problems
 from models.pretrained import (
     pretrained_model_config,
@@ -110,6 +111,10 @@ class RLSection:
     entropy_coef: Annotated[float, Field(ge=0.0)] = 0.0
     tis_cap: Annotated[float, Field(ge=0.0)] = 0.0  # > 0: truncated IS with this cap (recomputes old log-probs)
     recompute_old_logp: bool = False  # old log-probs from a trainer forward pass instead of the sampler's
+    # Sequence packing: up to this many prompt+response sequences share a row of max_prompt_len +
+    # max_response_len tokens (segment ids keep them apart), so updates skip the padding (verl's
+    # use_remove_padding does the same job); 1: one sequence per row.
+    sequences_per_row: Annotated[int, Field(ge=1, le=64)] = 8
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_sampling_rounds: PositiveInt = 3
     overlong: Literal["none", "filter", "soft"] = "none"
@@ -164,13 +169,14 @@ def load_rl_config(cfg: ConfigDict, **checks: Any) -> RLConfig:
     return load_run_config(raw, RLConfig, model_base=base, **checks)
 
 
-def settings_of(rl: RLSection, stop: tuple[str, ...]) -> RolloutSettings:
+def settings_of(rl: RLSection, stop: tuple[str, ...], row_quantum: int = 1) -> RolloutSettings:
     return RolloutSettings(
         prompts_per_batch=rl.prompts_per_batch, group_size=rl.group_size, mini_batches=rl.mini_batches,
         max_response_len=rl.max_response_len, temperature=rl.temperature, top_p=rl.top_p, stop=stop,
         estimator=rl.estimator, dynamic_sampling=rl.dynamic_sampling, max_sampling_rounds=rl.max_sampling_rounds,
         overlong=rl.overlong, overlong_cache=rl.overlong_cache, reward_chunks=rl.reward_chunks,
-        recompute_old_logp=rl.recompute_old_logp or rl.tis_cap > 0, kl=rl.kl_coef > 0)
+        recompute_old_logp=rl.recompute_old_logp or rl.tis_cap > 0, kl=rl.kl_coef > 0,
+        sequences_per_row=rl.sequences_per_row, row_quantum=row_quantum)
 
 
 # ---- the loss ------------------------------------------------------------------------------------------
@@ -179,13 +185,14 @@ def settings_of(rl: RLSection, stop: tuple[str, ...]) -> RolloutSettings:
 def policy_loss(model: nnx.Module, batch: Batch, *, rl: RLSection) -> LossOutput:
     """The RL objective on one micro-batch (module docstring); batch fields as `rl.rollouts` packs them,
     [B, L]. Returns the aggregated sum and its weight, with masked-mean metrics."""
+    packing = alg.Packing(batch["segment_ids"], rl.sequences_per_row) if rl.sequences_per_row > 1 else None
     out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     logits = out.logits.astype(jnp.float32) / rl.temperature
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]  # [B, L]
     mask = batch["loss_mask"]
     pg = alg.ppo_clip(logp, batch["old_logp"], batch["advantages"], mask, clip_low=rl.clip_low,
-                      clip_high=rl.clip_high, level=rl.ratio, dual_clip=rl.dual_clip)
+                      clip_high=rl.clip_high, level=rl.ratio, dual_clip=rl.dual_clip, packing=packing)
     per_token = pg.loss
     metrics: dict[str, jax.Array] = {}
     if rl.tis_cap > 0:
@@ -200,7 +207,7 @@ def policy_loss(model: nnx.Module, batch: Batch, *, rl: RLSection) -> LossOutput
         kl = alg.kl_estimate(logp, batch["ref_logp"], rl.kl_estimator)
         per_token = per_token + rl.kl_coef * kl
         metrics["kl_ref"] = alg.masked_mean(kl, mask)
-    total, weight = alg.aggregate(per_token, mask, rl.aggregation, horizon=rl.max_response_len)
+    total, weight = alg.aggregate(per_token, mask, rl.aggregation, horizon=rl.max_response_len, packing=packing)
     aux = model_aux_loss(out.aux)
     big = jnp.where(mask > 0, pg.ratio, -jnp.inf)
     small = jnp.where(mask > 0, pg.ratio, jnp.inf)
@@ -301,8 +308,9 @@ def _train(run: RLConfig, urls: list[str]) -> dict[str, Any] | None:
     rewards = RewardWorker(urls, mode=rl.reward, error_reward=rl.error_reward, run_timeout=rl.run_timeout,
                            retry_deadline_s=rl.retry_deadline_s)
     try:
-        source = RolloutSource(problems, make_sampler_factory(run, tokenizer, mesh), rewards, settings_of(rl, stop),
-                               seq_len=run.data.seq_len, seed=run.train.seed)
+        row_quantum = run.train.grad_accum * run.mesh.batch_shards(jax.device_count())
+        source = RolloutSource(problems, make_sampler_factory(run, tokenizer, mesh), rewards,
+                               settings_of(rl, stop, row_quantum), seq_len=run.data.seq_len, seed=run.train.seed)
         if rl.kl_coef > 0:
             reference = starting_model()  # frozen: the starting weights
             source.ref_policy = lambda: reference
@@ -360,6 +368,11 @@ def summarize(run: RLConfig, steps: int, out: Path, pass_at_k: PassAtK | None, w
         first, last = min(pass_at_k.history), max(pass_at_k.history)
         summary["pass_at_k_before"] = pass_at_k.history[first] if first == 0 else None
         summary["pass_at_k_after"] = pass_at_k.history[last]
+        if first == 0 and last != first:
+            change, stderr = paired_change(pass_at_k.per_problem[first], pass_at_k.per_problem[last])
+            summary["pass@1_change"] = {"mean": change, "paired_stderr": stderr,
+                                        "problems": len(pass_at_k.per_problem[first]),
+                                        "samples_per_problem": pass_at_k.num_samples}
     if rollouts:
         summary["reward_curve"] = str(plot_reward_curve(rollouts, out / "reward_curve.png",
                                                         title=f"RL ({run.rl.estimator}) of {run.model.name}"))

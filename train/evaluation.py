@@ -16,7 +16,7 @@ from typing import Any
 from flax import nnx
 
 from evals.generation import SamplerGenerator, sample_completions
-from evals.harness import evaluate
+from evals.harness import Report, evaluate
 from evals.problems import Problem
 from models.sampler import Sampler
 from sandbox.client import SandboxClient
@@ -42,9 +42,10 @@ class PassAtK:
     batch_size: int = 16
     run_timeout: float = 10.0
     history: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    per_problem: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # step -> pass@1 per problem
 
-    def scores(self, model: nnx.Module, seed: int = 0) -> dict[str, float]:
-        """{"pass@k": ...} of `model` on the problems."""
+    def report(self, model: nnx.Module, seed: int = 0) -> Report:
+        """The harness's report of `model` on the problems (per-problem sample outcomes)."""
         max_len = min(self.max_len, model.cfg.max_seq_len)
         generator = SamplerGenerator(Sampler(model, self.tokenizer, max_len=max_len), seed=seed)
         completions = sample_completions(generator, self.problems, num_samples=self.num_samples,
@@ -56,14 +57,19 @@ class PassAtK:
                 return await evaluate(self.problems, completions, client, ks=self.ks, run_timeout=self.run_timeout,
                                       progress=False)
 
-        report = asyncio.run(score())
-        return report.pass_at_k()
+        return asyncio.run(score())
+
+    def scores(self, model: nnx.Module, seed: int = 0) -> dict[str, float]:
+        """{"pass@k": ...} of `model` on the problems."""
+        return self.report(model, seed).pass_at_k()
 
     def __call__(self, info: Any) -> None:
         trainer = info.trainer
         with trainer.timer.paused(info.state):
             model = nnx.merge(trainer.graphdef, info.state.params, info.state.rest)
-            values = self.scores(model, seed=info.step)
+            report = self.report(model, seed=info.step)
+        values = report.pass_at_k()
         self.history[info.step] = values
+        self.per_problem[info.step] = [p.correct / p.n for p in report.problems]
         trainer.log(info.step, values, prefix="eval")
         print_progress(f"step {info.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))

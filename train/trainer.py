@@ -271,7 +271,7 @@ class Trainer:
             size = f"{self.n_trainable / 1e6:.2f}M trainable parameters (+{self.n_frozen / 1e6:.2f}M frozen)"
         print_progress(f"model {self.task.model_config.name}: {size}, mesh {dict(self.mesh.shape)}")
         self._logger = MetricsLogger(self.output_dir)
-        self._start_step, self._window = start, []
+        self._start_step, self._window, self._window_tokens = start, [], 0
         step = start
         if start == 0:
             for hook in self._hooks:
@@ -284,6 +284,8 @@ class Trainer:
                 with contextlib.nullcontext() if self.task.count_data_time else self.timer.paused(state):
                     batch = next(self.task.train_data)
                 host = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+                # Tokens of the rows actually run (RL's packed row counts vary); every process holds its own rows.
+                self._window_tokens += int(np.prod(batch["inputs"].shape)) * jax.process_count()
                 with sharding_context(self.mesh, self.rules):
                     state, metrics = self.train_step(state, self._global_batch(host, self.batch_sharding))
                 step += 1
@@ -308,7 +310,8 @@ class Trainer:
         if info.step % train.log_every and info.step != train.steps:
             return
         window = jax.device_get(self._window)
-        self._window = []
+        tokens = self._window_tokens / len(window)  # per step
+        self._window, self._window_tokens = [], 0
         flat = [summarize(m) for m in window]  # once per step, not once per (step, metric)
         values = {k: float(np.mean([f[k] for f in flat])) for k in flat[-1]}
         first_bad = int(info.state.first_nonfinite_step)
@@ -320,7 +323,6 @@ class Trainer:
                 f"{self.checkpointer.directory} with a lower optim.lr"
             )
         step_time = self.timer.lap()
-        tokens = self.config.data.batch_size * self.config.data.seq_len
         values.update(
             lr=float(self.schedule(info.step - 1)),
             step_time_s=step_time,
