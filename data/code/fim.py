@@ -25,8 +25,10 @@ Levels (`data.fim.level`, a `data.config.FIMConfig`; `data.pipeline.build_iterat
   * "document": the whole file before tokenization, at character-level cut points (`FIMTransform`);
     prefix, middle and suffix are encoded separately. A file longer than a row is then split, so
     its middle usually lands in another row than its <|fim_prefix|>: use it for short documents.
-    A record that already has "tokens" (a repository document with spliced separators) is
-    permuted at token level, since its text cannot be re-encoded into the same tokens.
+    A record that already has "tokens" is permuted at token level, since its text cannot be
+    re-encoded into the same tokens; in a repository document (`data.code.repo`) each file, the
+    tokens after a <|file_sep|> up to the next, is permuted on its own (`permute_files`), the
+    repository-level FIM of Qwen2.5-Coder and DeepSeek-Coder: an infill target sees the files before.
 
 At token level a BOS leading the unit and an EOS ending it stay in place; a continuation chunk
 (neither) is permuted whole and carries no EOS after its middle.
@@ -153,6 +155,29 @@ def permute_token_array(tokens: np.ndarray, rng: np.random.Generator, spm: bool,
     return _gather(order, tokens, (ids.fim_prefix_id, ids.fim_suffix_id, ids.fim_middle_id))
 
 
+def permute_files(
+    tokens: np.ndarray, rng: np.random.Generator, ids: FIMTokenizer, file_sep_id: int, fim_rate: float, spm_rate: float
+) -> np.ndarray:
+    """Per-file FIM of a repository document [n] -> [n + 3 * permuted files].
+
+    Each file, the tokens after a <|file_sep|> up to the next one (its path line and content), is
+    permuted with probability `fim_rate` (`permute_token_array`); the <|repo_name|> header and the
+    separators stay in place, so every file's sentinels follow its own separator. Tokens without a
+    separator are one unit.
+    """
+    tokens = np.asarray(tokens, dtype=np.int32)
+    separators = np.flatnonzero(tokens == file_sep_id)
+    starts = separators + 1 if len(separators) else np.zeros(1, np.int64)
+    ends = np.append(separators[1:], len(tokens))
+    pieces = [tokens[: starts[0]]]  # the header up to and with the first separator
+    for start, end in zip(starts, ends):
+        unit = tokens[start:end]
+        if len(unit) and rng.random() < fim_rate:
+            unit = permute_token_array(unit, rng, bool(rng.random() < spm_rate), ids)
+        pieces += [unit, tokens[end:end + 1]]  # the unit, then the next separator (none after the last)
+    return np.concatenate(pieces)
+
+
 def _sentinel_positions(tokens: Sequence[int], ids: FIMTokenizer) -> tuple[int, int] | None:
     """(suffix, middle) sentinel indices of a FIM layout; None when `tokens` does not start with <|fim_prefix|>."""
     if not len(tokens) or tokens[0] != ids.fim_prefix_id:
@@ -218,7 +243,8 @@ class FIMTransform(grain.transforms.RandomMap):
     """Document-level FIM: record with "text" -> same record plus "tokens" ([n] int32, no BOS/EOS).
 
     Records not drawn for FIM get plain `encode(text)`, so every output has "tokens". Records
-    that already carry "tokens" are permuted at token level (module docstring).
+    that already carry "tokens" are permuted at token level, repository documents file by file
+    (module docstring).
     """
 
     def __init__(
@@ -235,12 +261,16 @@ class FIMTransform(grain.transforms.RandomMap):
         self.spm_rate = spm_rate
         self.text_key = text_key
         self.tokens_key = tokens_key
+        # Repository documents are permuted file by file: the tokenizers that splice their separators have the id.
+        self.file_sep_id: int | None = getattr(tokenizer, "file_sep_id", None)
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         record = dict(element)
         if self.tokens_key in record:
             tokens = np.asarray(record[self.tokens_key], dtype=np.int32)
-            if rng.random() < self.fim_rate:
+            if self.file_sep_id is not None and np.any(tokens == self.file_sep_id):
+                tokens = permute_files(tokens, rng, self.tokenizer, self.file_sep_id, self.fim_rate, self.spm_rate)
+            elif rng.random() < self.fim_rate:
                 tokens = permute_token_array(tokens, rng, bool(rng.random() < self.spm_rate), self.tokenizer)
         else:
             text = record[self.text_key]
