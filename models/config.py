@@ -52,11 +52,15 @@ class RopeScaling:
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
+    # yarn: the cos/sin scale; 0: 0.1 * ln(factor) + 1. DeepSeek's mscale / mscale_all_dim set it (to 1
+    # for every release); read by multi-head latent attention only (models/mla.py).
+    attention_factor: float = 0.0
 
     def validate(self, prefix: str = "rope_scaling") -> None:
         _check_choice(self.kind, f"{prefix}.kind", ROPE_SCALINGS)
         _check(self.factor >= 1.0, f"{prefix}.factor", f"must be >= 1, got {self.factor}")
         _check(self.original_max_position > 0, f"{prefix}.original_max_position", "must be > 0")
+        _check(self.attention_factor >= 0, f"{prefix}.attention_factor", "must be >= 0 (0: YaRN's default)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,7 @@ class MLAConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    score_scale: float = 1.0  # scores are q.k / sqrt(qk_head_dim) * score_scale (DeepSeek YaRN: mscale^2)
 
     @property
     def qk_head_dim(self) -> int:
@@ -166,6 +171,7 @@ class MLAConfig:
             f"{prefix}.qk_rope_head_dim",
             f"must be a positive even integer, got {self.qk_rope_head_dim}",
         )
+        _check(self.score_scale > 0, f"{prefix}.score_scale", f"must be > 0, got {self.score_scale}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +323,8 @@ class ModelConfig:
             _check(self.n_kv_heads == self.n_heads, "n_kv_heads", "multi-head latent attention has one key/value head per query head")
             _check(not (self.qkv_bias or self.out_bias or self.qk_norm), "mla",
                    "multi-head latent attention has no qkv_bias, out_bias or qk_norm")
+        _check(self.mla is not None or not self.rope_scaling.attention_factor, "rope_scaling.attention_factor",
+               "only multi-head latent attention reads it; leave it 0")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -571,26 +579,33 @@ def _mla_presets() -> dict[str, ModelConfig]:
     """Released DeepSeek MLA-MoE models (shapes from their Hugging Face config.json), Qwen3-Coder's MoE,
     and CPU-sized models of the two DeepSeek routing styles.
 
-    Difference from the originals: their context extension (DeepSeek's YaRN variant with mscale,
-    factor 40) is left out, so max_seq_len is the 4096 tokens of pretraining. DeepSeek-V3's
-    multi-token-prediction module (14B more parameters) is not part of the model.
+    The DeepSeek models extend their 4K pretraining context 40x with YaRN, DeepSeek's way: cos/sin
+    unscaled (mscale = mscale_all_dim) and scores scaled by (0.1 * mscale_all_dim * ln 40 + 1)^2.
+    DeepSeek-V3's multi-token-prediction module (14B more parameters) is not part of the model.
     """
-    lite_mla = MLAConfig(q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+
+    def deepseek_yarn(mscale: float) -> dict[str, Any]:
+        rope = RopeScaling(kind="yarn", factor=40.0, original_max_position=4096, attention_factor=1.0)
+        return dict(rope_theta=10000.0, rope_scaling=rope, max_seq_len=163840,
+                    score_scale=(0.1 * mscale * math.log(40.0) + 1.0) ** 2)
+
+    lite_yarn, v3_yarn = deepseek_yarn(0.707), deepseek_yarn(1.0)
+    lite_mla = MLAConfig(q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                         score_scale=lite_yarn.pop("score_scale"))
     real = [
         # deepseek-ai/DeepSeek-Coder-V2-Lite-Base: MLA without a query bottleneck, 64 experts + 2 shared, top-6
         # by softmax, not renormalised; the first layer dense.
         ModelConfig(name="deepseek-coder-v2-lite", vocab_size=102400, d_model=2048, n_layers=27, n_heads=16,
-                    n_kv_heads=16, head_dim=64, d_ff=10944, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=4096,
-                    mla=lite_mla,
+                    n_kv_heads=16, head_dim=64, d_ff=10944, norm_eps=1e-6, mla=lite_mla, **lite_yarn,
                     moe=MoEConfig(num_experts=64, experts_per_token=6, expert_d_ff=1408, num_shared_experts=2,
                                   first_dense_layers=1, normalize_top_k=False)),
         # deepseek-ai/DeepSeek-V3-Base: MLA with a 1536 query bottleneck; 256 experts + 1 shared, top-8 by sigmoid
         # within the best 4 of 8 groups, renormalised, x2.5; auxiliary-loss-free balancing at rate 0.001
         # (DeepSeek-V3 report, sec. 4.2); the first 3 layers dense.
         ModelConfig(name="deepseek-v3", vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, n_kv_heads=128,
-                    head_dim=64, d_ff=18432, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=4096,
+                    head_dim=64, d_ff=18432, norm_eps=1e-6,
                     mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                                  v_head_dim=128),
+                                  v_head_dim=128, score_scale=v3_yarn.pop("score_scale")), **v3_yarn,
                     moe=MoEConfig(num_experts=256, experts_per_token=8, expert_d_ff=2048, num_shared_experts=1,
                                   first_dense_layers=3, router="sigmoid", routed_scaling=2.5, num_groups=8,
                                   topk_groups=4, bias_update_rate=0.001)),

@@ -58,7 +58,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
     Parameters (codelm layout, [in, out...]): q_proj [D, N, C + P] or q_a_proj [D, Q] + q_norm +
     q_b_proj [Q, N, C + P]; kv_a_proj [D, R + P]; kv_norm [R]; kv_b_proj [R, N, C + V]; o_proj [N, V, D].
-    Scores are scaled by 1 / sqrt(C + P). window: sliding window (0: full attention).
+    Scores are scaled by score_scale / sqrt(C + P); the RoPE cos/sin by rope_scaling.attention_factor when
+    set (DeepSeek's YaRN). window: sliding window (0: full attention).
     """
 
     # kv_b_proj is left out: decoding folds it into the queries and outputs (no adapter path there).
@@ -88,8 +89,9 @@ class MultiHeadLatentAttention(nnx.Module):
         return with_adapter(self, name, x, y)
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        inv_freq, scale = rope_frequencies(self.mla.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
-        return apply_rope(x, positions, inv_freq, scale)
+        scaling = self.cfg.rope_scaling
+        inv_freq, scale = rope_frequencies(self.mla.qk_rope_head_dim, self.cfg.rope_theta, scaling)
+        return apply_rope(x, positions, inv_freq, scaling.attention_factor or scale)
 
     def _queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D] -> (q_nope [B, T, N, C], q_rope [B, T, N, P] rotated)."""
@@ -137,6 +139,8 @@ class MultiHeadLatentAttention(nnx.Module):
         b, s, n, _ = k_nope.shape
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (b, s, n, k_rope.shape[-1]))], axis=-1)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        if self.mla.score_scale != 1.0:  # the kernels scale by 1 / sqrt(C + P) only
+            q = q * jnp.asarray(self.mla.score_scale, q.dtype)
         k = constrain(k, ("batch", "activation_length", "activation_heads", None))
         return self._output(attention_kernel(self.cfg.attention_impl)(q, k, v, mask), x.dtype), cache
 
@@ -168,7 +172,8 @@ class MultiHeadLatentAttention(nnx.Module):
         mask = slots <= positions[:, :, None]  # [B, T, W]
         if self.window:
             mask &= positions[:, :, None] - slots < self.window
-        scores = jnp.where(mask[:, None], scores / math.sqrt(self.mla.qk_head_dim), jnp.finfo(jnp.float32).min)
+        scale = self.mla.score_scale / math.sqrt(self.mla.qk_head_dim)
+        scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("btnr,rnv->btnv", jnp.einsum("bnts,bsr->btnr", probs, c_read), w_uv)
         return self._output(out, x.dtype), KVCache(write_c, write_r)

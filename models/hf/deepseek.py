@@ -11,10 +11,11 @@ reorders them to codelm's half-split RoPE (`layouts.RopeRows`). V3's multi-token
 (`model.layers.<num_hidden_layers>.*`) is not imported.
 """
 
+import math
 from typing import Any, ClassVar
 
 from models.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
-from models.hf.family import LAYER_PREFIX, Family, HFConfig, MoEFamily, TensorMap
+from models.hf.family import LAYER_PREFIX, Family, HFConfig, MoEFamily, TensorMap, rope_spec, write_rope, yarn_mscale
 from models.hf.layouts import HeadsIn, HeadsOut, RopeRows, Same, Transposed
 
 
@@ -52,6 +53,7 @@ class DeepseekV2(MoEFamily):
                                            "bias_update_rate": 0.0}
     moe_prefix = "mlp"
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    yarn_attention_factor = True
 
     # -- config.json -> ModelConfig
 
@@ -64,9 +66,14 @@ class DeepseekV2(MoEFamily):
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise hf.error(flag, "codelm's DeepSeek layers have no biases")
+        # DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2 (transformers'
+        # yarn_apply_mscale); the cos/sin factor is read by `read_rope`.
+        spec = rope_spec(hf)
+        all_dim = spec.get("mscale_all_dim") if spec.get("rope_type", spec.get("type")) not in (None, "default") else None
         mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf.get("kv_lora_rank"),
                         qk_nope_head_dim=hf.get("qk_nope_head_dim"), qk_rope_head_dim=hf.get("qk_rope_head_dim"),
-                        v_head_dim=hf.get("v_head_dim"))
+                        v_head_dim=hf.get("v_head_dim"),
+                        score_scale=yarn_mscale(float(spec["factor"]), all_dim) ** 2 if all_dim else 1.0)
         return dict(qkv_bias=False, out_bias=False, mlp_bias=False, mla=mla, moe=MoEConfig(**self.moe_fields(hf)))
 
     def moe_fields(self, hf: HFConfig) -> dict[str, Any]:
@@ -103,6 +110,7 @@ class DeepseekV2(MoEFamily):
         assert cfg.mla is not None and cfg.moe is not None
         m, moe = cfg.mla, cfg.moe
         return {
+            **self.yarn_mscale_config(cfg),
             "attention_bias": False,
             "mlp_bias": False,
             "q_lora_rank": m.q_lora_rank or None,
@@ -119,6 +127,22 @@ class DeepseekV2(MoEFamily):
             "routed_scaling_factor": moe.routed_scaling,
             **self.routing_config(moe),
         }
+
+    def yarn_mscale_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        """Both RoPE spellings with `mscale` / `mscale_all_dim` that give back the score scale and the
+        cos/sin factor (`family_fields` inverted), when they differ from YaRN's defaults."""
+        assert cfg.mla is not None
+        s = cfg.rope_scaling
+        if s.kind != "yarn" and cfg.mla.score_scale != 1.0:
+            raise ConfigError(f"mla.score_scale={cfg.mla.score_scale}: {self.model_type} sets it only through YaRN's mscale_all_dim")
+        if s.kind != "yarn" or (cfg.mla.score_scale == 1.0 and not s.attention_factor):
+            return {}
+        log_factor = 0.1 * math.log(s.factor)
+        all_dim = math.sqrt(cfg.mla.score_scale)
+        attention = (s.attention_factor or yarn_mscale(s.factor)) * all_dim
+        mscale = {"mscale": (attention - 1) / log_factor, "mscale_all_dim": (all_dim - 1) / log_factor}
+        rope = write_rope(cfg)
+        return {"rope_scaling": {**rope["rope_scaling"], **mscale}, "rope_parameters": {**rope["rope_parameters"], **mscale}}
 
     def routing_config(self, moe: MoEConfig) -> dict[str, Any]:
         grouped = moe.num_groups > 1

@@ -10,6 +10,7 @@ defaults of the matching `transformers` config class (tests check them against i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -64,11 +65,23 @@ class HFConfig:
 # ---- RoPE --------------------------------------------------------------------------------------------
 
 
-def read_rope(hf: HFConfig) -> dict[str, Any]:
+def rope_spec(hf: HFConfig) -> dict[str, Any]:
+    """The RoPE scaling entries of a config.json, legacy `rope_scaling` first (as in transformers)."""
+    return dict(hf.values.get("rope_scaling") or hf.values.get("rope_parameters") or {})
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1), as DeepSeek writes it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def read_rope(hf: HFConfig, yarn_attention_factor: bool = False) -> dict[str, Any]:
     """rope_theta and rope_scaling from either the legacy (`rope_theta` + `rope_scaling`) or the
-    transformers 5 (`rope_parameters`) spelling; the legacy one wins, as in transformers."""
+    transformers 5 (`rope_parameters`) spelling; the legacy one wins, as in transformers.
+    yarn_attention_factor: accept YaRN's `attention_factor` / `mscale` / `mscale_all_dim` (read into
+    `RopeScaling.attention_factor` as transformers computes it), for families whose attention uses it."""
     params = hf.values.get("rope_parameters") or {}
-    spec = hf.values.get("rope_scaling") or params
+    spec = rope_spec(hf)
     if any(isinstance(v, Mapping) for v in spec.values()):
         raise ConfigError(f"{hf.source}: per-layer-type RoPE parameters are not supported")
     theta = hf.values.get("rope_theta") or params.get("rope_theta") or hf.defaults["rope_theta"]
@@ -95,16 +108,21 @@ def read_rope(hf: HFConfig) -> dict[str, Any]:
         )
     elif kind == "yarn":
         for unsupported in ("attention_factor", "mscale", "mscale_all_dim"):
-            if spec.get(unsupported) is not None:
+            if spec.get(unsupported) is not None and not yarn_attention_factor:
                 raise ConfigError(f"{hf.source}: {field}.{unsupported}: only YaRN's default attention factor is supported")
         if spec.get("truncate", True) is not True:
             raise ConfigError(f"{hf.source}: {field}.truncate: only truncate=true is supported")
+        factor = float(spec["factor"])
+        attention_factor = spec.get("attention_factor")
+        if attention_factor is None and spec.get("mscale") and spec.get("mscale_all_dim"):
+            attention_factor = yarn_mscale(factor, spec["mscale"]) / yarn_mscale(factor, spec["mscale_all_dim"])
         scaling = RopeScaling(
             kind="yarn",
-            factor=float(spec["factor"]),
+            factor=factor,
             original_max_position=int(option("original_max_position_embeddings", hf.get("max_position_embeddings"))),
             beta_fast=float(option("beta_fast", 32.0)),
             beta_slow=float(option("beta_slow", 1.0)),
+            attention_factor=float(attention_factor or 0.0),
         )
     else:
         raise ConfigError(f"{hf.source}: {field}.rope_type = {kind!r}: codelm supports default, linear, llama3, yarn")
@@ -143,6 +161,7 @@ class Family:
     defaults: ClassVar[Mapping[str, Any]] = {}
     activations: ClassVar[tuple[str, ...]] = ("silu",)
     norm_eps_key: ClassVar[str] = "rms_norm_eps"
+    yarn_attention_factor: ClassVar[bool] = False  # see `read_rope`
     # ModelConfig fields this family cannot change (checked before export).
     fixed: ClassVar[Mapping[str, Any]] = {"norm": "rms", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0,
                                           "layer_types": (), "global_every": 0, "mla": None}
@@ -166,7 +185,7 @@ class Family:
             norm_eps=float(hf.get(self.norm_eps_key)),
             max_seq_len=hf.get("max_position_embeddings"),
             tie_embeddings=bool(hf.get("tie_word_embeddings")),
-            **read_rope(hf),
+            **read_rope(hf, self.yarn_attention_factor),
         )
         fields.update(self.family_fields(hf))
         return fields

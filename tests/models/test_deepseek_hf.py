@@ -3,6 +3,7 @@ bottleneck, group-limited routing, shared experts, a dense first layer, V3's sel
 with logits equal to 1e-4 in float32, scanned and unrolled, and export back to the same logits; the
 routers alone equal transformers' MoE blocks; config defaults equal transformers' config classes."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from models.config import ConfigError  # noqa: E402
+from models.config import PRESETS, ConfigError  # noqa: E402
 from models.hf import get_family, load_hf_checkpoint, read_hf_config, reference, save_hf_checkpoint  # noqa: E402
 from models.hf.family import HFConfig  # noqa: E402
 from models.hf.layouts import HeadsIn, RopeRows, Transposed  # noqa: E402
@@ -142,3 +143,33 @@ def test_matches_deepseek_v2_moe_with_group_limited_greedy_routing():
     layer = our_layer(experts_per_token=3, num_shared_experts=2, normalize_top_k=False, routed_scaling=1.5,
                       num_groups=4, topk_groups=2)
     compare(block, layer)
+
+
+# ---- DeepSeek's YaRN ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deepseek_yarn_with_mscale_matches_transformers_and_exports(tmp_path):
+    """DeepSeek's context extension: YaRN frequencies, cos/sin factor mscale / mscale_all_dim, scores
+    sharpened by mscale_all_dim^2 (as DeepSeek-Coder-V2-Lite's config.json, at factor 4)."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+    hf_model = reference.random_model("deepseek_v2", rope_parameters=rope)
+    hf_model.save_pretrained(tmp_path / "hf")
+    expected = reference.logits(hf_model, TOKENS)
+    model = load_hf_checkpoint(tmp_path / "hf")
+    assert model.cfg.rope_scaling.attention_factor == 1.0 and model.cfg.mla.score_scale == pytest.approx(1.2056, abs=1e-4)
+    assert_close(np.asarray(model(TOKENS).logits), expected)
+    save_hf_checkpoint(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_close(reference.logits(reloaded, TOKENS), expected)
+
+
+@pytest.mark.parametrize("name, model_type", [("deepseek-coder-v2-lite", "deepseek_v2"), ("deepseek-v3", "deepseek_v3")])
+def test_presets_survive_config_round_trip(name, model_type, tmp_path):
+    cfg = PRESETS[name]
+    (tmp_path / "config.json").write_text(json.dumps(get_family(model_type).hf_config(cfg)))
+    back, _ = read_hf_config(tmp_path, name=cfg.name, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    assert back.mla.score_scale == pytest.approx(cfg.mla.score_scale, rel=1e-12)
+    # The bias update rate is a training setting a checkpoint does not carry.
+    assert back.replace(mla=cfg.mla, moe=dataclasses.replace(back.moe, bias_update_rate=cfg.moe.bias_update_rate)) == cfg

@@ -122,13 +122,19 @@ PATTERN = tiny(n_layers=5, global_every=2, qk_norm=True,
                              bias_update_rate=0.1))
 
 
+@nnx.jit
+def forward_and_update(model, tokens):
+    out = model(tokens)
+    apply_bias_updates(model, out.aux)
+    return out
+
+
 def test_bias_updates_reach_each_moe_layer_of_a_pattern_stack():
     for scan in (True, False):
         model = Decoder(PATTERN.replace(scan_layers=scan), rngs=nnx.Rngs(0))
-        out = model(jnp.asarray(TOKENS))
+        out = forward_and_update(model, jnp.asarray(TOKENS))
         key = [k for k in out.aux if k.endswith("expert_load")]
         assert key == ["dense_sliding-moe_full/1/expert_load"]
-        apply_bias_updates(model, out.aux)
         load = np.asarray(out.aux[key[0]])  # [2 repeats, E]
         expected = 0.1 * np.sign(load.mean(-1, keepdims=True) - load)
         stack = model.stacks["dense_sliding-moe_full"]
