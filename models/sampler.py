@@ -189,6 +189,42 @@ def window_bucket(n: int, minimum: int, limit: int) -> int:
 # ---- sampling one token per row ------------------------------------------------------------------------
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """x [R, V] -> [R] int32: the first index of each row's maximum, as `jnp.argmax`.
+
+    Two plain reductions (the maximum, then the least index holding it): XLA:CPU runs argmax as one
+    variadic (value, index) reduction that it does not vectorise, ~40x slower over an 8192 vocabulary
+    (results/sampler_profile)."""
+    size = x.shape[-1]
+    best = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == best, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
+    return jnp.minimum(first, size - 1)  # a row of NaNs has no maximum
+
+
+def inverse_cdf_sample(logits: jax.Array, uniform: jax.Array, block: int = 128) -> jax.Array:
+    """logits [R, M] (-inf: excluded), uniform [R] in [0, 1) -> [R] int32 drawn from softmax(logits).
+
+    Inverse-CDF sampling: the first index whose cumulative mass reaches (1 - u) x the total mass, so a
+    row needs one uniform instead of the M Gumbel draws of `jax.random.categorical` (threefry bits and
+    a variadic argmax over the vocabulary, the costliest part of a sampled decode step on CPU). Two
+    levels keep it one pass over [R, M]: block masses and their running sum choose a block of `block`
+    entries, whose own running sum chooses the entry. Excluded entries (mass 0) are never chosen: the
+    first entry reaching a positive target has positive mass, and a target past the block's float
+    sum (rounding) falls back to the block's last entry of positive mass.
+    """
+    rows, size = logits.shape
+    mass = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised, 1 at the maximum
+    blocks = jnp.pad(mass, ((0, 0), (0, -size % block))).reshape(rows, -1, block)
+    reached = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [R, blocks] mass up to each block's end
+    target = (1.0 - uniform) * reached[:, -1]  # in (0, total]
+    chosen = jnp.minimum(jnp.sum(reached < target[:, None], axis=-1), reached.shape[1] - 1)
+    before = jnp.where(chosen > 0, jnp.take_along_axis(reached, jnp.maximum(chosen - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    within = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [R, block]
+    entry = jnp.sum(jnp.cumsum(within, axis=-1) < (target - before)[:, None], axis=-1)
+    last_positive = jnp.max(jnp.where(within > 0, jnp.arange(block), 0), axis=-1)
+    return (chosen * block + jnp.minimum(entry, last_positive)).astype(jnp.int32)
+
+
 def sample_tokens(
     logits: jax.Array, keys: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: SamplingMode
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -197,14 +233,16 @@ def sample_tokens(
 
     Truncation as in transformers' logits processors: temperature, then top-k (keep the k largest),
     then top-p (keep the smallest set of most likely tokens whose probability reaches top_p). Row r
-    draws with fold_in(keys[r], steps[r]), so its token does not depend on the other rows.
+    draws its uniform with fold_in(keys[r], steps[r]), so its token does not depend on the other rows.
+    Log-probabilities are logit - log Z from one log-partition per row (no [R, V] log-softmax array).
     """
     scaled = logits if mode.greedy else logits / temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
+    top = jnp.max(scaled, axis=-1)
+    log_z = top + jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))
     if mode.greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = first_argmax(scaled)
     else:
-        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        uniform = jax.vmap(lambda key, step: jax.random.uniform(jax.random.fold_in(key, step)))(keys, steps)
         values, indices = scaled, None
         if mode.top_k or mode.top_p:
             values, indices = jax.lax.top_k(scaled, mode.top_k or scaled.shape[-1])  # sorted, descending
@@ -212,12 +250,12 @@ def sample_tokens(
                 probs = jax.nn.softmax(values, axis=-1)
                 mass_before = jnp.cumsum(probs, axis=-1) - probs
                 values = jnp.where(mass_before < top_p, values, -jnp.inf)
-        choice = jax.vmap(jax.random.categorical)(step_keys, values)
+        choice = inverse_cdf_sample(values, uniform)
         token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
         token = token.astype(jnp.int32)
-    token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-    top_logp, top_ids = jax.lax.top_k(logp, mode.logprobs_top_k)
-    return token, token_logp, top_ids.astype(jnp.int32), top_logp
+    token_logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
+    top_values, top_ids = jax.lax.top_k(scaled, mode.logprobs_top_k)
+    return token, token_logp, top_ids.astype(jnp.int32), top_values - log_z[:, None]
 
 
 # ---- compiled programs ---------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from data.hf_tokenizer import HFTokenizer
 from models import sampler as sampler_module
 from models.config import MoEConfig, get_preset
 from models.decoder import Decoder
-from models.sampler import Sampler, bucket, window_bucket
+from models.layers import slot_attention
+from models.sampler import Sampler, bucket, first_argmax, inverse_cdf_sample, window_bucket
 from models.sharding import create_sharded, make_mesh
 
 VOCAB = 128
@@ -288,3 +289,38 @@ def test_evals_generator_samples_groups_from_one_call(tmp_path):
     texts = SamplerGenerator(sampler, seed=5).generate(prompts, 3, 8, 1.0, ["\n\n"])
     expected = sampler.generate(prompts, 8, n=3, temperature=1.0, stop=["\n\n"], seed=5).texts
     assert texts == [expected[:3], expected[3:]] and len(set(texts[0])) > 1
+
+
+def test_first_argmax_is_argmax_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many ties: the first index wins
+    x[3] = np.nan
+    assert (np.asarray(first_argmax(jnp.asarray(x)))[np.arange(64) != 3] == np.argmax(x, axis=-1)[np.arange(64) != 3]).all()
+    assert 0 <= int(first_argmax(jnp.asarray(x))[3]) < 300
+
+
+@pytest.mark.parametrize("size", [300, 8])  # several blocks with a ragged last one; one padded block
+def test_inverse_cdf_sample_follows_the_softmax(size):
+    """Stratified uniforms (i + 1/2) / n: an exact inverse CDF gives each entry n * p_i draws to
+    within one, and never an excluded (-inf) entry."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, size).astype(np.float32)
+    logits[rng.choice(size, size // 4, replace=False)] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    n = 20000
+    uniform = (np.arange(n) + 0.5) / n
+    draws = np.asarray(inverse_cdf_sample(jnp.asarray(np.broadcast_to(logits, (n, size))), jnp.asarray(uniform, jnp.float32)))
+    counts = np.bincount(draws, minlength=size)
+    assert counts[np.isinf(logits)].sum() == 0
+    np.testing.assert_allclose(counts, n * probs, atol=1.5)
+
+
+def test_slot_attention_decode_step_equals_the_general_form():
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((3, 1, 8, 16), (3, 2, 24, 16), (3, 2, 24, 16)))
+    mask = jnp.asarray(np.arange(24)[None, None, :] <= np.array([5, 23, 0])[:, None, None])
+    step = slot_attention(q, k, v, mask)
+    # The general path, on two queries where the second repeats the first.
+    twice = slot_attention(jnp.concatenate([q, q], axis=1), k, v, jnp.concatenate([mask, mask], axis=1))
+    np.testing.assert_allclose(step[:, 0], twice[:, 1], atol=1e-6)
