@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -218,7 +219,7 @@ class Trainer:
         if not is_run_dir(self.output_dir):
             return
         saved = read_run_metadata(self.output_dir)
-        current_model = self.task.model_config.to_dict()
+        current_model = json.loads(json.dumps(self.task.model_config.to_dict()))  # as saved: tuples are lists
         for name, value in saved.get("model", {}).items():
             if current_model.get(name) != value:
                 raise ConfigError(
