@@ -132,6 +132,7 @@ def test_matches_deepseek_v3_moe_with_group_limited_sigmoid_routing():
     compare(block, layer)
 
 
+@pytest.mark.slow
 def test_matches_deepseek_v2_moe_with_group_limited_greedy_routing():
     from transformers.models.deepseek_v2 import modeling_deepseek_v2
 

@@ -91,25 +91,28 @@ def check_parity(tmp_path, model_type, expect_stacks, scan_layers=(True, False),
 
 
 def test_qwen2_max_window_layers_mixed_layers_match_transformers(tmp_path):
-    model = check_parity(tmp_path, "qwen2", ["dense_full", "dense_sliding"], num_hidden_layers=3,
+    model = check_parity(tmp_path, "qwen2", ["dense_full", "dense_sliding"], scan_layers=(True,), num_hidden_layers=3,
                          use_sliding_window=True, sliding_window=3, max_window_layers=1)
     assert model.cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["max_window_layers"] == 1 and exported["layer_types"][0] == "full_attention"
 
 
+@pytest.mark.slow
 def test_qwen3_explicit_alternating_layer_types_match_transformers(tmp_path):
-    check_parity(tmp_path, "qwen3", ["dense_sliding-dense_full"], scan_layers=(True,), round_trip=False,
+    check_parity(tmp_path, "qwen3", ["dense_sliding-dense_full"], round_trip=False,
                  num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
                  layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 def test_qwen3_moe_sliding_window_applies_to_every_layer(tmp_path):
     """The bug: the window was read through Qwen2's max_window_layers rule, which Qwen3-MoE does not have."""
-    model = check_parity(tmp_path, "qwen3_moe", ["moe"], use_sliding_window=True, sliding_window=3, max_window_layers=28)
+    model = check_parity(tmp_path, "qwen3_moe", ["moe"], scan_layers=(True,), use_sliding_window=True, sliding_window=3,
+                         max_window_layers=28)
     assert model.cfg.sliding_window == 3 and model.cfg.layer_types == ()
 
 
+@pytest.mark.slow
 def test_qwen3_moe_decoder_sparse_step(tmp_path):
     model = check_parity(tmp_path, "qwen3_moe", ["dense-moe"], num_hidden_layers=4, decoder_sparse_step=2)
     assert model.cfg.moe.sparse_step == 2 and model.cfg.n_moe_layers == 2
@@ -160,6 +163,7 @@ def test_pattern_stacks_decode_with_both_caches_like_full_forwards():
         assert generated == greedy_without_cache(model, prompt, 8)
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_pattern_stacks_agree():
     scanned = Decoder(PATTERN, rngs=nnx.Rngs(2))
     unrolled = Decoder(PATTERN.replace(scan_layers=False), rngs=nnx.Rngs(3))
