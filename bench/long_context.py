@@ -2,6 +2,7 @@
 
     python -m bench.long_context                                   # tiny and llama-100m, 2K / 8K / 32K
     python -m bench.long_context --presets=tiny --seqs=2048,8192 --run_max_seq=8192
+    python -m bench.long_context --sections=kernels --kernels=chunked --seqs=2048,4096
 
 Prints one JSON object with two lists:
   kernels     attention alone (forward + backward of a random projection of its output), q [1, T, N, H]
@@ -126,13 +127,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first = get_preset(presets[0], dtype=args.dtype)
     result["kernel_shape"] = {"preset": first.name, "n_heads": first.n_heads, "n_kv_heads": first.n_kv_heads,
                               "head_dim": first.head_dim}
-    for seq, kernel in ((s, k) for s in seqs for k in kernels):
+    sections = args.sections.split(",")
+    for seq, kernel in ((s, k) for s in seqs for k in kernels if "kernels" in sections):
         row = kernel_figures(first, kernel, seq, seq <= args.run_max_seq, args.repeats)
         result["kernels"].append(row)
         if args.progress:
             print(json.dumps(row), flush=True)
     for preset, seq, kernel, chunk in ((p, s, k, c) for p in presets for s in seqs for k in kernels
-                                       for c in sorted({0, args.loss_chunk})):
+                                       for c in sorted({0, args.loss_chunk}) if "train_step" in sections):
         cfg = get_preset(preset, dtype=args.dtype, attention_impl=kernel, cross_entropy_chunk=chunk,
                          max_seq_len=max(seq, get_preset(preset).max_seq_len))
         run_it = seq <= args.run_max_seq and preset in args.run_presets.split(",")
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--run_max_seq", type=int, default=2048, help="also time rows of at most this many tokens")
     parser.add_argument("--run_presets", default="tiny", help="presets whose train steps are timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default="kernels,train_step")
     parser.add_argument("--progress", action="store_true", help="print each row as it is measured")
     print(json.dumps(run(parser.parse_args()), indent=1))
 
