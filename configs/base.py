@@ -19,17 +19,22 @@ MODEL_FIELDS = {
     "d_ff": int, "norm": str, "norm_eps": float, "mlp": str, "mlp_bias": bool, "qkv_bias": bool, "out_bias": bool,
     "qk_norm": bool, "rope_theta": float, "sliding_window": int, "tie_embeddings": bool, "logit_softcap": float,
     "max_seq_len": int, "init_std": float, "dtype": str, "param_dtype": str, "scan_layers": bool, "remat": str,
-    "attention_impl": str,
+    "attention_impl": str, "layer_types": str, "global_every": int, "cross_entropy_chunk": int,
 }
 ROPE_SCALING_FIELDS = {
     "kind": str, "factor": float, "original_max_position": int, "low_freq_factor": float,
-    "high_freq_factor": float, "beta_fast": float, "beta_slow": float,
+    "high_freq_factor": float, "beta_fast": float, "beta_slow": float, "attention_factor": float,
 }
 MOE_FIELDS = {
     "num_experts": int, "experts_per_token": int, "expert_d_ff": int, "num_shared_experts": int,
     "first_dense_layers": int, "router": str, "normalize_top_k": bool, "routed_scaling": float, "impl": str,
     "grouped_matmul": str, "capacity_factor": float, "aux_loss_coef": float, "router_z_loss_coef": float,
-    "bias_update_rate": float,
+    "bias_update_rate": float, "sparse_step": int, "num_groups": int, "topk_groups": int,
+}
+# Multi-head latent attention (models/mla.py): off unless a field is set (or the preset has it).
+MLA_FIELDS = {
+    "q_lora_rank": int, "kv_lora_rank": int, "qk_nope_head_dim": int, "qk_rope_head_dim": int, "v_head_dim": int,
+    "score_scale": float,
 }
 # LoRA (models/lora.py): off unless a field is set; targets is a comma-separated list of path regexes.
 LORA_FIELDS = {"rank": int, "alpha": float, "dropout": float, "targets": str, "init": str}
@@ -47,6 +52,7 @@ def model_section(preset: str) -> ConfigDict:
     section.rope_scaling = _placeholders(ROPE_SCALING_FIELDS)
     section.moe = _placeholders(MOE_FIELDS)
     section.lora = _placeholders(LORA_FIELDS)
+    section.mla = _placeholders(MLA_FIELDS)
     return section
 
 
