@@ -17,7 +17,7 @@ from models import sampler as sampler_module
 from models.config import MoEConfig, get_preset
 from models.decoder import Decoder
 from models.layers import slot_attention
-from models.sampler import Sampler, bucket, first_argmax, inverse_cdf_sample, window_bucket
+from models.sampler import Sampler, bucket, first_argmax, inverse_cdf_sample, unrolled, window_bucket
 from models.sharding import create_sharded, make_mesh
 
 VOCAB = 128
@@ -324,3 +324,18 @@ def test_slot_attention_decode_step_equals_the_general_form():
     # The general path, on two queries where the second repeats the first.
     twice = slot_attention(jnp.concatenate([q, q], axis=1), k, v, jnp.concatenate([mask, mask], axis=1))
     np.testing.assert_allclose(step[:, 0], twice[:, 1], atol=1e-6)
+
+
+def test_unrolled_model_is_the_scanned_one_layer_by_layer():
+    """The decode loop's unrolled twin: pattern stacks (sliding/full, dense/MoE) cut layer by layer
+    give the scanned model's logits, and an unscanned model is passed through."""
+    cfg = tiny(n_layers=5, global_every=2, sliding_window=3,
+               moe=MoEConfig(num_experts=4, experts_per_token=2, expert_d_ff=32, first_dense_layers=1, sparse_step=2))
+    scanned = nnx.merge(*nnx.split(Decoder(cfg, rngs=nnx.Rngs(4))))  # as the sampler's programs build it
+    graphdef, params = unrolled(*nnx.split(scanned))
+    twin = nnx.merge(graphdef, params)
+    assert not twin.cfg.scan_layers and len(jax.tree.leaves(params)) > len(jax.tree.leaves(nnx.state(scanned)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 12)))
+    np.testing.assert_allclose(twin(tokens).logits, scanned(tokens).logits, atol=1e-5)
+    plain = nnx.split(Decoder(CONFIGS["dense-window-unrolled"], rngs=nnx.Rngs(0)))
+    assert unrolled(*plain)[1] is plain[1]
