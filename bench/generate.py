@@ -3,6 +3,7 @@ workloads, same machine, one run.
 
     python -m bench.generate                                  # tiny Llama, CPU: ~5 minutes
     python -m bench.generate --workloads=decode --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256
+    python -m bench.generate --workloads=profile --profile_out=results/sampler_profile   # per-op decode step
 
 A random model of `--family` is built with transformers, saved as an HF checkpoint and imported into
 codelm (so both run identical float32 weights). Two workloads (`--workloads`):
@@ -21,6 +22,13 @@ rl      RL rollouts: `--rl_prompts` prompts x `--rl_samples` samples each (tempe
         distribution is reported. samples/s = prompts x samples / wall time of the whole call;
         transformers runs `generate(num_return_sequences=samples)` over all prompts at once.
 
+profile Where a decode step's time goes: the decode workload (`--profile_sampling=greedy`) or the RL
+        workload's sampling (`temperature`), one codelm call under `jax.profiler`; every XLA:CPU thunk
+        event of the decode loop is matched to its instruction in the compiled HLO and put in a
+        category by its ops and Python call stack (`bench.train_step_profile.parse_hlo`). Per-op
+        times are wall times of the thunks (two CPU threads may overlap); the JSON has ms per decode
+        step by category and the top ops, and `--profile_out` also writes it as a markdown table.
+
 Times are medians over `--repeats` runs after a warm-up run (which compiles codelm's programs).
 FLOP method: model FLOPs per generated token = 2 x (matmul parameters, LM head included, embedding
 lookup excluded) + 4 x layers x query heads x head_dim x mean attended context (QK^T and PV);
@@ -30,6 +38,9 @@ achieved GFLOP/s = decode tokens/s x that. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
@@ -37,12 +48,15 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import torch
 
+from bench.train_step_profile import parse_hlo
+from models import sampler as sampler_module
 from models.hf import load_hf_checkpoint, reference
 from models.sampler import Sampler
 
@@ -221,6 +235,110 @@ def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str)
     }
 
 
+# ---- profile of the decode step --------------------------------------------------------------------------
+
+PROFILE_CATEGORIES = ("LM head", "attention", "cache reads (window copies)", "cache writes", "matmuls (QKV/O, MLP)",
+                      "layer weight slices", "sampling", "norms/RoPE/residual", "other")
+_MOVEMENT = {"parameter", "constant", "copy", "transpose", "bitcast", "broadcast", "reshape", "slice", "dynamic-slice",
+             "concatenate", "tuple", "get-tuple-element", "pad", "iota", "convert"}
+
+
+def profile_category(info: dict[str, Any]) -> str:
+    """A decode-loop instruction's category from its ops and Python call stack."""
+    ops = set(info["ops"]) or {info["opcode"]}
+    where = " ".join(info["stack"])
+    if "Decoder.logits" in where:
+        return "LM head"
+    if any(f in where for f in ("sample_tokens", "first_argmax", "inverse_cdf_sample")):
+        return "sampling"
+    if "scatter" in ops or "dynamic-update-slice" in ops:
+        return "cache writes"
+    if "read" in where and ops <= _MOVEMENT:
+        return "cache reads (window copies)"
+    if ("scan" in where or "unrolled" in where) and ops <= _MOVEMENT:
+        return "layer weight slices"
+    if info["opcode"] == "dot" and not info["stack"]:  # dots XLA rewrote from slot_attention's einsums lose their metadata
+        return "attention"
+    if "dot" in ops and any(f in where for f in ("_project", "_output", "MLP")):
+        return "matmuls (QKV/O, MLP)"
+    if "slot_attention" in where or "Attention.decode" in where:
+        return "attention"
+    if "dot" in ops:
+        return "matmuls (QKV/O, MLP)"
+    if any(f in where for f in ("RMSNorm", "LayerNorm", "apply_rope", "Block.decode")):
+        return "norms/RoPE/residual"
+    return "other"
+
+
+def profile_workload(args: argparse.Namespace, shape: dict[str, int], directory: str) -> dict[str, Any]:
+    """One codelm call of the decode (greedy) or RL-shaped (sampled) workload under the profiler."""
+    hf_model = reference.random_model(args.family, **shape)
+    hf_model.save_pretrained(directory)
+    sampled = args.profile_sampling == "temperature"
+    prompts = make_prompts(args.rl_prompts if sampled else args.batch, args.prompt_len, args.vocab)
+    new_tokens = args.rl_new_tokens if sampled else args.new_tokens
+    sampler = Sampler(load_hf_checkpoint(directory, remat="none"), max_len=max(map(len, prompts)) + new_tokens)
+    kwargs: dict[str, Any] = dict(n=args.rl_samples, temperature=1.0, seed=1,
+                                  stop_token_ids=list(range(1, args.vocab, args.rl_eos_every))) if sampled else {}
+    calls: list[Any] = []
+    decode = sampler_module._decode
+
+    def recording(*a: Any, **k: Any) -> Any:  # the abstract arguments of the decode program, to lower it again
+        calls.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, (a, k)))
+        return decode(*a, **k)
+
+    sampler_module._decode = recording
+    try:
+        sampler.generate(prompts, new_tokens, **kwargs)  # compiles
+        with tempfile.TemporaryDirectory() as logdir:
+            jax.profiler.start_trace(logdir)
+            out = sampler.generate(prompts, new_tokens, **kwargs)
+            jax.profiler.stop_trace()
+            (path,) = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)
+            with gzip.open(path) as f:
+                events = json.load(f)["traceEvents"]
+    finally:
+        sampler_module._decode = decode
+    hlo: dict[str, dict[str, Any]] = {}
+    for a, k in {repr(c): c for c in calls}.values():  # one compiled program per distinct window
+        hlo.update(parse_hlo(decode.lower(*a, **k).compile().as_text()))
+    steps = out.timing["decode_steps"]
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for event in events:
+        op = (event.get("args") or {}).get("hlo_op")
+        module = (event.get("args") or {}).get("hlo_module", "")
+        if event.get("ph") == "X" and module.startswith("jit__decode") and op in hlo and hlo[op]["opcode"] not in (
+                "while", "call", "conditional"):
+            per_op[op] += event["dur"] / 1e3 / steps  # ms per decode step
+    ops = sorted(({"op": name, "ms": ms, "category": profile_category(hlo[name]), "shape": hlo[name]["shape"][:60],
+                   "where": "/".join(s.split(":")[-1] for s in hlo[name]["stack"][-2:])} for name, ms in per_op.items()),
+                 key=lambda o: -o["ms"])
+    total = sum(o["ms"] for o in ops)
+    categories = {c: sum(o["ms"] for o in ops if o["category"] == c) for c in PROFILE_CATEGORIES}
+    return {
+        "workload": {"sampling": args.profile_sampling, "rows": out.timing["rows"], "decode_steps": steps,
+                     "generated_tokens": out.timing["generated_tokens"], "max_new_tokens": new_tokens},
+        "decode_ms_per_step_under_profiler": out.timing["decode_seconds"] / steps * 1e3,
+        "op_time_sum_ms_per_step": total,
+        "categories_ms_per_step": {c: round(ms, 3) for c, ms in categories.items() if ms},
+        "categories_share": {c: round(ms / total, 3) for c, ms in categories.items() if ms},
+        "top_ops": [{**o, "ms": round(o["ms"], 3)} for o in ops[:args.profile_top]],
+    }
+
+
+def profile_markdown(report: dict[str, Any], command: str) -> str:
+    result = report["profile"]
+    lines = [f"`{command}` (load average {report['load_average_at_start']:.2f} at the start, "
+             f"{report['load_average_at_end']:.2f} at the end; {report['cpu_count']} CPUs)", "",
+             f"Workload: {result['workload']}; decode {result['decode_ms_per_step_under_profiler']:.2f} ms per step under "
+             f"the profiler, sum of per-op times {result['op_time_sum_ms_per_step']:.2f} ms.", "",
+             "| category | ms / decode step | share |", "|---|---:|---:|"]
+    lines += [f"| {c} | {ms:.3f} | {100 * result['categories_share'][c]:.1f}% |" for c, ms in result["categories_ms_per_step"].items()]
+    lines += ["", "| op | category | ms / step | shape | where |", "|---|---|---:|---|---|"]
+    lines += [f"| `{o['op']}` | {o['category']} | {o['ms']:.3f} | `{o['shape']}` | {o['where']} |" for o in result["top_ops"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="decode,rl")
@@ -239,6 +357,9 @@ def main() -> None:
     parser.add_argument("--rl_new_tokens", type=int, default=128)
     parser.add_argument("--rl_eos_every", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile_sampling", default="greedy", choices=("greedy", "temperature"))
+    parser.add_argument("--profile_top", type=int, default=25)
+    parser.add_argument("--profile_out", default="", help="folder for profile_<sampling>.json and .md")
     args = parser.parse_args()
 
     shape = dict(hidden_size=args.d_model, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
@@ -256,8 +377,14 @@ def main() -> None:
     }
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as directory:
-            report[name] = {"decode": decode_workload, "rl": rl_workload}[name](args, shape, directory)
+            report[name] = {"decode": decode_workload, "rl": rl_workload, "profile": profile_workload}[name](args, shape, directory)
     report["load_average_at_end"] = os.getloadavg()[0]
+    if "profile" in report and args.profile_out:
+        out = Path(args.profile_out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"profile_{args.profile_sampling}.json").write_text(json.dumps(report, indent=2) + "\n")
+        command = f"python -m bench.generate --workloads=profile --profile_sampling={args.profile_sampling}"
+        (out / f"profile_{args.profile_sampling}.md").write_text(profile_markdown(report, command))
     print(json.dumps(report, indent=2))
 
 
