@@ -132,17 +132,17 @@ def forward_and_update(model, tokens):
     return out
 
 
-def test_bias_updates_reach_each_moe_layer_of_a_pattern_stack():
-    for scan in (True, False):
-        model = Decoder(PATTERN.replace(scan_layers=scan), rngs=nnx.Rngs(0))
-        out = forward_and_update(model, jnp.asarray(TOKENS))
-        key = [k for k in out.aux if k.endswith("expert_load")]
-        assert key == ["dense_sliding-moe_full/1/expert_load"]
-        load = np.asarray(out.aux[key[0]])  # [2 repeats, E]
-        expected = 0.1 * np.sign(load.mean(-1, keepdims=True) - load)
-        stack = model.stacks["dense_sliding-moe_full"]
-        biases = stack.blocks[1].ffn.router.bias[...] if scan else np.stack([b.ffn.router.bias[...] for b in stack.blocks[1]])
-        np.testing.assert_allclose(biases, expected)
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["scanned", "unrolled"])
+def test_bias_updates_reach_each_moe_layer_of_a_pattern_stack(scan):
+    model = Decoder(PATTERN.replace(scan_layers=scan), rngs=nnx.Rngs(0))
+    out = forward_and_update(model, jnp.asarray(TOKENS))
+    key = [k for k in out.aux if k.endswith("expert_load")]
+    assert key == ["dense_sliding-moe_full/1/expert_load"]
+    load = np.asarray(out.aux[key[0]])  # [2 repeats, E]
+    expected = 0.1 * np.sign(load.mean(-1, keepdims=True) - load)
+    stack = model.stacks["dense_sliding-moe_full"]
+    biases = stack.blocks[1].ffn.router.bias[...] if scan else np.stack([b.ffn.router.bias[...] for b in stack.blocks[1]])
+    np.testing.assert_allclose(biases, expected)
 
 
 @pytest.mark.slow
