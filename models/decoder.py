@@ -293,6 +293,11 @@ class Decoder(nnx.Module):
         if cfg.lora is not None:  # after the base weights, which are then the same as without LoRA
             add_adapters(self, cfg.lora, rngs)
 
+    def ordered_stacks(self) -> list[tuple[str, LayerStack]]:
+        """The stacks in layer order. Not `self.stacks`' order: `nnx.merge` rebuilds the dict with sorted
+        keys, and pattern stack names need not sort in layer order."""
+        return [(plan.name, self.stacks[plan.name]) for plan in plan_stacks(self.cfg)]
+
     def init_cache(self, batch: int, length: int, dtype: str | None = None) -> dict[str, StackCache]:
         """An empty KV cache of `length` slots per sequence for every layer."""
         dt = dtype_of(dtype or self.cfg.dtype)
@@ -313,7 +318,7 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
         x = constrain(x, ("batch", "activation_length", "activation_embed"))
         new_cache = {}
-        for name, stack in self.stacks.items():
+        for name, stack in self.ordered_stacks():
             x, new_cache[name] = stack.decode(x, positions, cache[name], window)
         return self.final_norm(x), new_cache
 
@@ -353,7 +358,7 @@ class Decoder(nnx.Module):
 
         aux: Aux = {}
         new_cache = {} if cache is not None else None
-        for name, stack in self.stacks.items():
+        for name, stack in self.ordered_stacks():
             x, stack_aux, stack_cache = stack(x, positions, segment_ids, None if cache is None else cache[name])
             aux.update({f"{name}/{k}": v for k, v in stack_aux.items()})
             if new_cache is not None:

@@ -178,3 +178,16 @@ def test_scanned_and_unrolled_pattern_stacks_agree():
     a, b = scanned(jnp.asarray(TOKENS)), unrolled(jnp.asarray(TOKENS))
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.aux, b.aux)
+
+
+def test_a_merged_model_runs_its_stacks_in_layer_order():
+    """`nnx.merge` rebuilds the stacks dict with sorted keys; here the names do not sort in layer order
+    ("dense_sliding-moe_full" comes first, "dense_sliding" second), and a merged model must still run the
+    layers in order (it ran them swapped before `Decoder.ordered_stacks`)."""
+    cfg = tiny(n_layers=5, global_every=2, sliding_window=3,
+               moe=MoEConfig(num_experts=4, experts_per_token=2, first_dense_layers=1, sparse_step=2))
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    assert [plan.name for plan in plan_stacks(cfg)] != sorted(plan.name for plan in plan_stacks(cfg))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+    merged = nnx.merge(*nnx.split(model))
+    np.testing.assert_allclose(merged(tokens).logits, model(tokens).logits, atol=1e-5)
