@@ -70,6 +70,36 @@ def test_packed_row_counts_come_in_few_buckets(needed, rows, quantum, expected):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
+def test_packed_aggregation_and_ratio_equal_one_sequence_per_row(level):
+    """The device-side maths on the same per-token values, laid out packed or one sequence per row: equal
+    aggregated losses, weights and gradients with respect to the log-probs, for every aggregation."""
+    rng = np.random.default_rng(2)
+    fields, lengths = unpacked_rows(rng, 8, 50)
+    fields["logp"] = fields["old_logp"] + rng.normal(0.0, 0.3, fields["old_logp"].shape).astype(np.float32)
+    packed = pack_rows(fields, lengths, parts=1, max_per_row=4)
+    assert packed["inputs"].shape[0] < 8
+
+    def objective(logp, batch, packing, mode):
+        out = alg.ppo_clip(logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], clip_low=0.2,
+                           clip_high=0.28, level=level, packing=packing)
+        total, weight = alg.aggregate(out.loss, batch["loss_mask"], mode, horizon=WIDTH, packing=packing)
+        return total / weight, weight
+
+    for mode in alg.AGGREGATIONS:
+        results = []
+        for batch, packing in ((fields, None), (packed, alg.Packing(jnp.asarray(packed["segment_ids"]), 4))):
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            (value, weight), grad = jax.value_and_grad(objective, has_aux=True)(batch["logp"], batch, packing, mode)
+            results.append((value, weight, grad))
+        (v1, w1, g1), (v2, w2, g2) = results
+        np.testing.assert_allclose(v2, v1, rtol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(w2, w1, err_msg=mode)
+        repacked = pack_rows({**fields, "grad": np.asarray(g1)}, lengths, parts=1, max_per_row=4)["grad"]
+        np.testing.assert_allclose(g2, repacked, rtol=1e-6, atol=1e-8, err_msg=mode)
+
+
+@pytest.mark.slow  # ~40 s: 16 eager value-and-grads of a real decoder
+@pytest.mark.parametrize("level", ["token", "sequence"])
 def test_policy_loss_and_gradient_are_the_same_packed(level):
     cfg = get_preset("tiny",vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
                      max_seq_len=WIDTH)

@@ -169,7 +169,8 @@ def test_rl_configs_load_and_name_bad_fields(pretrained, tmp_path):
     cfg = quickstart.get_config()
     cfg.rl.init_from = str(pretrained)
     run = load_rl_config(cfg)
-    assert run.rl.group_size == 16 and run.rl.estimator == "rloo" and run.data.batch_size == 32
+    assert run.rl.group_size == 8 and run.rl.prompts_per_batch == 16 and run.rl.estimator == "rloo"
+    assert run.data.batch_size == 64 and run.rl.sequences_per_row == 8  # 16 x 8 sequences, 2 mini-batches
     assert run.data.seq_len == 256 and run.data.tokenizer_path == str(pretrained / "tokenizer.model")
     with pytest.raises(ConfigError, match="rl.init_from"):
         load_rl_config(rl_base.get_config())
