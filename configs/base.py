@@ -126,6 +126,7 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.train.eval_every = 500
     cfg.train.eval_batches = 20
     cfg.train.output_dir = "runs/base"
+    cfg.train.init_from = ""  # pretraining: a run directory or HF checkpoint to start from (weights only)
     cfg.train.peak_tflops_per_device = 0.0  # 0: look the device up (unknown devices report no MFU)
     cfg.train.profile_start_step = 0  # with profile_num_steps > 0: trace those steps into output_dir/profile
     cfg.train.profile_num_steps = 0

@@ -47,6 +47,10 @@ class TrainConfig:
     eval_every: NonNegativeInt = 500  # 0: no evaluation
     eval_batches: NonNegativeInt = 20
     output_dir: Annotated[str, Field(min_length=1)] = "runs/base"
+    # A codelm run directory or an HF checkpoint whose weights (not optimizer or step) start a pretraining run:
+    # continued pretraining, or context extension with the model section's new rope_theta / rope_scaling /
+    # max_seq_len. "": fresh weights. SFT and RL read theirs from sft.init_from / rl.init_from.
+    init_from: str = ""
     peak_tflops_per_device: Annotated[float, Field(ge=0.0)] = 0.0  # 0: look the device up
     profile_start_step: NonNegativeInt = 0
     profile_num_steps: NonNegativeInt = 0  # > 0: trace that many steps into output_dir/profile

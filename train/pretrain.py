@@ -31,6 +31,7 @@ from models.config import ModelConfig
 from models.sampler import Sampler, SamplerConfig
 from train import cli
 from train.config import RunConfig
+from train.finetune import has_checkpoints, load_starting_model
 from train.metrics import plot_loss_curve
 from train.step import next_token_loss
 from train.trainer import Trainer, TrainResult, TrainTask
@@ -113,9 +114,10 @@ def sample_completion(result: TrainResult, tokenizer: Tokenizer, sampler_cfg: Sa
     ).texts[0]
 
 
-def make_task(run: RunConfig, tokenizer: Tokenizer) -> TrainTask:
+def make_task(run: RunConfig, tokenizer: Tokenizer, pretrained: nnx.Module | None = None) -> TrainTask:
     """Next-token prediction on the packed train split; held-out loss on plain left-to-right text
-    (no FIM), comparable across runs and with the n-gram baselines."""
+    (no FIM), comparable across runs and with the n-gram baselines. `pretrained`: the starting weights
+    (train.init_from), else fresh ones."""
     post_update = None
     if run.model.moe is not None and run.model.moe.bias_update_rate > 0:
         from models.moe import apply_bias_updates  # noqa: PLC0415
@@ -127,6 +129,7 @@ def make_task(run: RunConfig, tokenizer: Tokenizer) -> TrainTask:
         loss_fn=functools.partial(next_token_loss, z_loss=run.train.z_loss),
         eval_data=functools.partial(data_iterator, run.data, tokenizer, "validation", fim=False),
         post_update=post_update,
+        pretrained=pretrained,
     )
 
 
@@ -163,7 +166,12 @@ def pretrain(run: RunConfig, *, explicit_vocab: bool = True) -> dict[str, Any] |
     elsewhere). A run that had already finished keeps the summary it wrote then."""
     tokenizer = prepare_data(run.data)
     run = dataclasses.replace(run, model=fit_vocab(run.model, explicit_vocab, tokenizer))
-    result = Trainer(run, make_task(run, tokenizer)).run()
+    mesh = run.mesh.make()
+    pretrained = None
+    # A resume restores its checkpoint instead of loading the starting weights.
+    if run.train.init_from and not (run.checkpoint.resume and has_checkpoints(run.train.output_dir)):
+        pretrained = load_starting_model(run.train.init_from, run.model, mesh, run.mesh.rule_set, seed=run.train.seed)
+    result = Trainer(run, make_task(run, tokenizer, pretrained), mesh=mesh).run()
     if result.preempted:
         sys.exit(143)  # 128 + SIGTERM: the scheduler restarts the job, which resumes
     if jax.process_index() != 0:
