@@ -17,21 +17,14 @@ from typing import Any, ClassVar
 from models.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
 from models.hf.family import LAYER_PREFIX, Family, HFConfig, MoEFamily, TensorMap, rope_spec, write_rope, yarn_mscale
 from models.hf.layouts import HeadsIn, HeadsOut, RopeRows, Same, Transposed
+from models.hf.llama import Llama
 
 
 class DeepseekV2(MoEFamily):
     model_type = "deepseek_v2"
     architecture = "DeepseekV2ForCausalLM"
     defaults = {
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "num_key_value_heads": None,
-        "head_dim": None,
-        "rope_theta": 10000.0,
+        **Llama.defaults,
         "first_k_dense_replace": 0,
         "kv_lora_rank": 512,
         "q_lora_rank": 1536,
@@ -76,9 +69,21 @@ class DeepseekV2(MoEFamily):
                         score_scale=yarn_mscale(float(spec["factor"]), all_dim) ** 2 if all_dim else 1.0)
         return dict(qkv_bias=False, out_bias=False, mlp_bias=False, mla=mla, moe=MoEConfig(**self.moe_fields(hf)))
 
-    def moe_fields(self, hf: HFConfig) -> dict[str, Any]:
+    def expert_fields(self, hf: HFConfig) -> dict[str, Any]:
+        """The MoE fields both DeepSeek versions spell the same way."""
         if hf.get("n_routed_experts") is None:
             raise hf.error("n_routed_experts", "codelm imports the MoE DeepSeek models (a number of routed experts)")
+        return dict(
+            num_experts=hf.get("n_routed_experts"),
+            experts_per_token=hf.get("num_experts_per_tok"),
+            expert_d_ff=hf.get("moe_intermediate_size"),
+            num_shared_experts=hf.get("n_shared_experts") or 0,
+            first_dense_layers=hf.get("first_k_dense_replace") or 0,
+            routed_scaling=float(hf.get("routed_scaling_factor")),
+        )
+
+    def moe_fields(self, hf: HFConfig) -> dict[str, Any]:
+        experts = self.expert_fields(hf)
         if hf.values.get("moe_layer_freq", 1) != 1:
             raise hf.error("moe_layer_freq", "codelm supports 1 (every layer after first_k_dense_replace is MoE)")
         method = hf.expect("topk_method", ("greedy", "group_limited_greedy"))
@@ -86,18 +91,8 @@ class DeepseekV2(MoEFamily):
             raise hf.error("norm_topk_prob", "transformers' DeepSeek-V2 never renormalises; a true value would "
                            "mean something different from the reference implementation")
         grouped = method == "group_limited_greedy"
-        return dict(
-            num_experts=hf.get("n_routed_experts"),
-            experts_per_token=hf.get("num_experts_per_tok"),
-            expert_d_ff=hf.get("moe_intermediate_size"),
-            num_shared_experts=hf.get("n_shared_experts") or 0,
-            first_dense_layers=hf.get("first_k_dense_replace") or 0,
-            router="softmax",
-            normalize_top_k=False,
-            routed_scaling=float(hf.get("routed_scaling_factor")),
-            num_groups=hf.get("n_group") if grouped else 1,
-            topk_groups=hf.get("topk_group") if grouped else 1,
-        )
+        return dict(experts, router="softmax", normalize_top_k=False, num_groups=hf.get("n_group") if grouped else 1,
+                    topk_groups=hf.get("topk_group") if grouped else 1)
 
     # -- ModelConfig -> config.json
 
@@ -201,20 +196,8 @@ class DeepseekV3(DeepseekV2):
 
     def moe_fields(self, hf: HFConfig) -> dict[str, Any]:
         hf.expect("rope_interleave", (True,))  # every released checkpoint; the layout import assumes it
-        if hf.get("n_routed_experts") is None:
-            raise hf.error("n_routed_experts", "codelm imports the MoE DeepSeek models (a number of routed experts)")
-        return dict(
-            num_experts=hf.get("n_routed_experts"),
-            experts_per_token=hf.get("num_experts_per_tok"),
-            expert_d_ff=hf.get("moe_intermediate_size"),
-            num_shared_experts=hf.get("n_shared_experts") or 0,
-            first_dense_layers=hf.get("first_k_dense_replace") or 0,
-            router="sigmoid",
-            normalize_top_k=bool(hf.get("norm_topk_prob")),
-            routed_scaling=float(hf.get("routed_scaling_factor")),
-            num_groups=hf.get("n_group") or 1,
-            topk_groups=hf.get("topk_group") or 1,
-        )
+        return dict(self.expert_fields(hf), router="sigmoid", normalize_top_k=bool(hf.get("norm_topk_prob")),
+                    num_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1)
 
     def routing_config(self, moe: MoEConfig) -> dict[str, Any]:
         return {"norm_topk_prob": moe.normalize_top_k, "n_group": moe.num_groups, "topk_group": moe.topk_groups,
