@@ -145,18 +145,23 @@ def test_bias_updates_reach_each_moe_layer_of_a_pattern_stack(scan):
     np.testing.assert_allclose(biases, expected)
 
 
-@pytest.mark.slow
-def test_pattern_stacks_decode_with_both_caches_like_full_forwards():
-    model = Decoder(PATTERN, rngs=nnx.Rngs(1))
-    tokens = jnp.asarray(TOKENS[:, :10])
+def assert_layer_cache_decoding_is_the_full_forward(model, tokens, prefill: int = 6):
+    """Prefill `prefill` tokens into the LayerCache, then one token at a time: the logits equal one full forward."""
+    b, t = tokens.shape
     full = model(tokens).logits
-    out = model(tokens[:, :6], cache=model.init_cache(batch=2, length=16, dtype="float32"))
+    out = model(tokens[:, :prefill], cache=model.init_cache(batch=b, length=16, dtype="float32"))
     steps, cache = [out.logits], out.cache
-    for t in range(6, 10):
-        out = model(tokens[:, t:t + 1], positions=jnp.full((2, 1), t), cache=cache)
+    for i in range(prefill, t):
+        out = model(tokens[:, i:i + 1], positions=jnp.full((b, 1), i), cache=cache)
         steps.append(out.logits)
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_pattern_stacks_decode_with_both_caches_like_full_forwards():
+    model = Decoder(PATTERN, rngs=nnx.Rngs(1))
+    assert_layer_cache_decoding_is_the_full_forward(model, jnp.asarray(TOKENS[:, :10]))
     # The sampler's slot cache: greedy tokens equal argmax over full forwards.
     out = Sampler(model).generate(PROMPTS, max_new_tokens=8)
     for prompt, generated in zip(PROMPTS, out.tokens):

@@ -15,6 +15,7 @@ from models.config import MLAConfig, MoEConfig, get_preset
 from models.decoder import Decoder, count_params
 from models.mla import MultiHeadLatentAttention
 from models.sampler import Sampler
+from tests.models.test_layer_schedule import assert_layer_cache_decoding_is_the_full_forward
 from tests.models.test_sampler import PROMPTS, full_forward_logprobs, greedy_without_cache
 
 MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
@@ -52,15 +53,7 @@ def test_greedy_decoding_through_the_compressed_cache_equals_full_forwards(overr
 @pytest.mark.slow
 def test_layer_cache_path_equals_full_forward():
     model = Decoder(tiny(sliding_window=4, global_every=3), rngs=nnx.Rngs(2))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, size=(2, 10)))
-    full = model(tokens).logits
-    out = model(tokens[:, :6], cache=model.init_cache(batch=2, length=16, dtype="float32"))
-    steps, cache = [out.logits], out.cache
-    for t in range(6, 10):
-        out = model(tokens[:, t:t + 1], positions=jnp.full((2, 1), t), cache=cache)
-        steps.append(out.logits)
-        cache = out.cache
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+    assert_layer_cache_decoding_is_the_full_forward(model, jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 10))))
 
 
 @pytest.mark.parametrize("mla", [MLA, MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
