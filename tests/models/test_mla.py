@@ -38,7 +38,7 @@ def test_the_cache_holds_the_latent_and_rope_key_only():
 
 
 @pytest.mark.parametrize("overrides", [
-    {},
+    pytest.param({}, marks=pytest.mark.slow),  # ~13 s of compilation: make test-slow
     pytest.param({"mla": MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
                   "scan_layers": False}, marks=pytest.mark.slow),
 ], ids=["q_lora-scanned", "full_rank_q-unrolled"])

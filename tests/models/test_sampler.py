@@ -326,6 +326,7 @@ def test_slot_attention_decode_step_equals_the_general_form():
     np.testing.assert_allclose(step[:, 0], twice[:, 1], atol=1e-6)
 
 
+@pytest.mark.slow  # ~12 s; every default sampler test already decodes through the unrolled model
 def test_unrolled_model_is_the_scanned_one_layer_by_layer():
     """The decode loop's unrolled twin: pattern stacks (sliding/full, dense/MoE) cut layer by layer
     give the scanned model's logits, and an unscanned model is passed through."""
