@@ -181,7 +181,7 @@ def sequence_sums(x: jax.Array, packing: Packing | None) -> jax.Array:
 def per_token(values: jax.Array, packing: Packing | None) -> jax.Array:
     """A per-sequence value [N, S] (from `sequence_sums`) back on each of the sequence's tokens [N, T]."""
     if packing is None:
-        return jnp.broadcast_to(values, (values.shape[0], 1))
+        return values  # [N, 1] broadcasts over the row
     return jnp.take_along_axis(values, jnp.maximum(packing.segment_ids - 1, 0), axis=1)
 
 
