@@ -8,7 +8,8 @@ builds the blocks it computes. Each kernel lists the platforms it runs on (None:
     xla        chunked below LONG_SEQUENCE keys, blockwise from there (the default)
     chunked    query chunks over all their keys (fastest on CPU for short rows; memory ~ T * S)
     blockwise  flash attention in pure JAX (memory ~ T + S), the fallback everywhere
-    cudnn      GPU, through jax.nn.dot_product_attention
+    cudnn      GPU, jax.nn.dot_product_attention's cuDNN kernel where its mask arguments fit, else
+               blockwise (models/attention/cudnn.py)
     splash     TPU, JAX's Pallas splash-attention kernel (models/attention/splash.py)
 """
 
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import jax
 
 from models.attention.blockwise import blockwise_attention
+from models.attention.cudnn import cudnn_attention
 from models.attention.mask import AttentionMask, attention_mask, soft_cap, visible
 from models.attention.parallel import sharded_attention
 from models.attention.splash import splash_attention
@@ -39,12 +41,6 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
     return kernel(q, k, v, mask)
 
 
-def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
-    # jax.nn's cuDNN entry takes no segment ids, so packed rows need the dense mask; long rows on
-    # GPU are better served by "blockwise".
-    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="cudnn")
-
-
 class Kernel(NamedTuple):
     fn: AttentionFn
     platforms: tuple[str, ...] | None = None  # None: every platform
@@ -55,7 +51,7 @@ ATTENTION_KERNELS: dict[str, Kernel] = {
     "xla": Kernel(xla_attention),
     "chunked": Kernel(chunked_attention),
     "blockwise": Kernel(blockwise_attention),
-    "cudnn": Kernel(_cudnn_attention, ("gpu",)),
+    "cudnn": Kernel(cudnn_attention, ("gpu",)),
     "splash": Kernel(splash_attention, ("tpu",), manual=True),
 }
 
@@ -85,6 +81,6 @@ def attention_kernel(name: str) -> AttentionFn:
 
 __all__ = [
     "ATTENTION_KERNELS", "LONG_SEQUENCE", "QUERY_CHUNK", "AttentionFn", "AttentionMask", "Kernel", "attention_kernel",
-    "attention_mask", "available_attention_kernels", "blockwise_attention", "chunked_attention", "reference_attention",
+    "attention_mask", "available_attention_kernels", "blockwise_attention", "chunked_attention", "cudnn_attention", "reference_attention",
     "register_attention_kernel", "sharded_attention", "soft_cap", "splash_attention", "visible", "xla_attention",
 ]

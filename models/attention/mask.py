@@ -63,7 +63,9 @@ class AttentionMask(NamedTuple):
     keys more than `sliding_window` indices before the query (their position is as far back).
     `q_offset` is the row index of the first query ([] int, may be traced): nonzero when the queries
     are one shard of the row (context parallelism). `logit_softcap` (static, 0 = off) caps the scaled
-    scores at cap * tanh(score / cap) before the softmax (Gemma 2).
+    scores at cap * tanh(score / cap) before the softmax (Gemma 2). `packed` (static) says whether a
+    row may hold several documents (the safe default); False promises one document per row followed
+    by padding (segment 0), which a kernel may then take as lengths instead of segment ids (cuDNN).
     """
 
     q_positions: jax.Array
@@ -74,6 +76,7 @@ class AttentionMask(NamedTuple):
     causal: bool = False
     logit_softcap: float = 0.0
     q_offset: jax.Array | int = 0
+    packed: bool = True
 
     def block(self, q_start: int, q_end: int, kv_end: int, kv_start: int = 0) -> jax.Array:
         """Mask [B, 1, q_end - q_start, kv_end - kv_start] of queries [q_start, q_end) over keys [kv_start, kv_end)."""

@@ -1,5 +1,6 @@
 """Every attention kernel against the dense XLA reference, values and gradients, on packed documents,
-causal and sliding-window masks, grouped heads and soft-capped scores; the reference against a loop."""
+causal and sliding-window masks, grouped heads and soft-capped scores; the reference against a loop.
+The cuDNN kernel's mask arguments run through jax.nn's XLA path (no GPU here)."""
 
 import itertools
 
@@ -17,6 +18,8 @@ from models.attention import (
     reference_attention,
     xla_attention,
 )
+from models.attention.cudnn import cudnn_attention
+from models.attention.cudnn import fits as cudnn_fits
 from models.attention.splash import fits, splash_attention, splash_mask
 
 
@@ -46,9 +49,21 @@ def make_case(*, t=40, s=None, n=4, kv=2, h=8, hv=None, window=0, causal=True, c
     return q, k, v, mask
 
 
-def assert_matches_reference(kernel, q, k, v, mask, atol=2e-5):
-    """Output and the gradients of a random projection of it equal the dense reference's."""
+def unpacked_case(lengths=(40, 31), **args):
+    """`make_case` with one document per row followed by padding: row b holds `lengths[b]` tokens."""
+    q, k, v, mask = make_case(**args)
+    pos = np.tile(np.arange(q.shape[1], dtype=np.int32), (len(lengths), 1))
+    seg = jnp.asarray(pos < np.asarray(lengths)[:, None], jnp.int32)
+    return q, k, v, mask._replace(q_positions=jnp.asarray(pos), kv_positions=jnp.asarray(pos), q_segment_ids=seg,
+                                  kv_segment_ids=seg, packed=False)
+
+
+def assert_matches_reference(kernel, q, k, v, mask, atol=2e-5, valid=None):
+    """Output and the gradients of a random projection of it equal the dense reference's (on the
+    query rows where `valid` [B, T] is true, when given: padding queries' outputs are unspecified)."""
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(*q.shape[:3], v.shape[-1])), jnp.float32)
+    if valid is not None:
+        weights = weights * jnp.asarray(valid)[:, :, None, None]
 
     def output_and_grads(fn):  # the mask's static fields stay Python values: closed over, not jit arguments
         def loss(q, k, v):
@@ -58,6 +73,8 @@ def assert_matches_reference(kernel, q, k, v, mask, atol=2e-5):
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (got_grads, got), (want_grads, want) = output_and_grads(kernel), output_and_grads(reference_attention)
+    if valid is not None:
+        got, want = got[np.asarray(valid)], want[np.asarray(valid)]
     np.testing.assert_allclose(got, want, atol=atol, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, atol=10 * atol, rtol=1e-4)
@@ -197,3 +214,40 @@ def test_splash_takes_whole_causal_rows_that_tile():
 def test_unavailable_kernel_names_the_available_ones():
     with pytest.raises(ValueError, match="no kernel 'splash' on platform 'cpu'; available: blockwise, chunked, xla"):
         attention_kernel("splash")
+
+
+CUDNN_CASES = {  # unpacked rows of 40 and 31 tokens (the second right-padded)
+    "window_gqa": dict(window=7),
+    "causal_mqa": pytest.param(dict(kv=1), marks=pytest.mark.slow),
+    "window_multi_head": pytest.param(dict(window=3, kv=4), marks=pytest.mark.slow),
+}
+
+
+@pytest.mark.parametrize("args", CUDNN_CASES.values(), ids=CUDNN_CASES.keys())
+def test_cudnn_mask_arguments_match_reference(args):
+    """The arguments the cuDNN kernel passes to jax.nn.dot_product_attention (causal, window, row
+    lengths; no mask array), run by jax.nn's XLA implementation, give the reference's outputs and
+    gradients on every non-padding query."""
+    q, k, v, mask = unpacked_case(**args)
+    assert cudnn_fits(q, k, v, mask)
+    kernel = lambda q, k, v, mask: cudnn_attention(q, k, v, mask, implementation="xla")  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: kernel(q, k, v, mask))(q, k, v))
+    assert "custom_vjp" not in jaxpr  # jax.nn's path, not the blockwise fallback
+    assert_matches_reference(kernel, q, k, v, mask, valid=mask.q_segment_ids != 0)
+
+
+def test_cudnn_routes_what_its_arguments_cannot_express_to_blockwise():
+    q, k, v, mask = unpacked_case()
+    assert not cudnn_fits(q, k, v, mask._replace(packed=True))  # segment ids: no public cuDNN argument
+    assert not cudnn_fits(q, k, v, mask._replace(logit_softcap=5.0))
+    assert not cudnn_fits(q, k, v, mask._replace(causal=False))  # the KV-cache path
+    assert not cudnn_fits(q, k, v[..., :6], mask)  # value head size != key head size (MLA)
+    q_shard, k, v, shard = make_case(t=12, s=40, offset=24)
+    assert not cudnn_fits(q_shard, k, v, shard._replace(packed=False))  # a context-parallel query shard
+
+    def runs_blockwise(q, k, v, mask, implementation):
+        fn = lambda q, k, v: cudnn_attention(q, k, v, mask, implementation=implementation)  # noqa: E731
+        return "custom_vjp" in str(jax.make_jaxpr(fn)(q, k, v))
+
+    assert runs_blockwise(q, k, v, mask._replace(packed=True), "xla")
+    assert runs_blockwise(q, k, v, mask, "cudnn")  # float32: cuDNN's flash kernel is half precision only
