@@ -9,6 +9,8 @@ through the execution service like HumanEval.
 
     synthetic_problems("train", 2000)    # for SFT and RL
     synthetic_problems("heldout", 100)   # for pass@k
+    synthetic_problems("sft", 2000)      # train instances without the constants held back for RL ...
+    synthetic_problems("rl", 1000)       # ... and those (a curriculum: RL meets constants SFT never showed)
 
 Guarantees, for every instance:
   - its reference body passes its tests; a body returning None fails them (no expected value is None),
@@ -17,7 +19,8 @@ Guarantees, for every instance:
     template's constants, some test expects a different result, so a body memorised from another
     instance (or with the constants off by one) fails;
   - train and heldout never share an instance: a template's constant choices are split between them by
-    a hash (`HELDOUT_PERCENT` of them are held out), whatever the seed and sizes;
+    a hash (`HELDOUT_PERCENT` of them are held out), whatever the seed and sizes; the train split is the
+    union of "sft" and "rl", which split its constant choices the same way (`RL_PERCENT` go to "rl");
   - the output is a function of (split, n, seed) alone, and a shorter list is a prefix of a longer one.
 
     python -m evals.synthetic --out_dir=artifacts/sft [--train=2000 --heldout=100 --seed=0]
@@ -25,6 +28,7 @@ Guarantees, for every instance:
 writes (`write_embedded_sft_problems`, rewriting only what changed):
 
     synthetic_train.jsonl               SFT {"prompt", "completion"} records of the train problems
+    synthetic_sft.jsonl                 ... of as many "sft" problems (the SFT default's: no "rl" constants)
     synthetic_validation.jsonl          ... of the held-out problems (for a held-out loss only)
     synthetic_train_problems.jsonl      HumanEval records (`evals.problems.load_problems` reads them)
     synthetic_heldout_problems.jsonl    ... of the held-out problems, for pass@k
@@ -46,11 +50,12 @@ from typing import Any
 
 from evals.problems import HUMANEVAL_STOP, Problem
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "sft", "rl")  # train = sft + rl
 DEFAULT_TRAIN = 2000
 DEFAULT_HELDOUT = 100
 DEFAULT_OUT_DIR = "artifacts/sft"
 HELDOUT_PERCENT = 20  # of each template's constant choices
+RL_PERCENT = 20  # ... of which these are held back from the "sft" split and given to "rl"
 MIN_CASES = 4  # tests per problem, at least
 MAX_CASES = 12  # ... and at most; an instance whose tests cannot reach the guarantees by then is redrawn
 MAX_DRAWS = 200  # attempts at a new instance of one template before it counts as exhausted for the split
@@ -457,20 +462,28 @@ def _key(template: Template, consts: dict[str, Any]) -> str:
 
 
 def split_of(template: Template, consts: dict[str, Any]) -> str:
-    """Which split an instance (a template with constants) belongs to; stable across runs and machines. The
-    `HELDOUT_PERCENT` of a template's constant choices (at least one) whose hashes rank lowest are held out."""
-    return "heldout" if _key(template, consts) in _heldout_keys(template) else "train"
+    """The bucket ("heldout", "rl" or "sft") of an instance (a template with constants); stable across runs
+    and machines. A template's constant choices are ranked by hash: the lowest `HELDOUT_PERCENT` (at least
+    one) are held out, the next `RL_PERCENT` (at least one) are kept for RL, and the rest are for SFT."""
+    return _buckets(template)[_key(template, consts)]
 
 
-_HELDOUT_KEYS: dict[str, frozenset[str]] = {}
+def in_split(bucket: str, split: str) -> bool:
+    """Whether an instance in `bucket` (`split_of`) belongs to `split`: train is sft and rl together."""
+    return bucket == split or (split == "train" and bucket != "heldout")
 
 
-def _heldout_keys(template: Template) -> frozenset[str]:
-    if template.name not in _HELDOUT_KEYS:
+_BUCKETS: dict[str, dict[str, str]] = {}
+
+
+def _buckets(template: Template) -> dict[str, str]:
+    if template.name not in _BUCKETS:
         keys = sorted((_key(template, c) for c in template.choices()), key=lambda k: hashlib.sha256(k.encode()).digest())
-        count = max(1, round(len(keys) * HELDOUT_PERCENT / 100))
-        _HELDOUT_KEYS[template.name] = frozenset(keys[:count])
-    return _HELDOUT_KEYS[template.name]
+        heldout = max(1, round(len(keys) * HELDOUT_PERCENT / 100))
+        rl = heldout + max(1, round(len(keys) * RL_PERCENT / 100))
+        _BUCKETS[template.name] = {key: "heldout" if i < heldout else "rl" if i < rl else "sft"
+                                   for i, key in enumerate(keys)}
+    return _BUCKETS[template.name]
 
 
 _CHOICES: dict[str, list[dict[str, Any]]] = {}
@@ -544,7 +557,7 @@ def _problem(split: str, index: int, template: Template, function: str, consts: 
 
 
 def synthetic_problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """`n` problems of `split` ("train" or "heldout"), cycling over the templates in an order shuffled by
+    """`n` problems of `split` (one of `SPLITS`), cycling over the templates in an order shuffled by
     `seed`; a template whose instances for this split run out is skipped (ValueError if all do). About 4,400
     distinct train and 360 held-out problems exist."""
     if split not in SPLITS:
@@ -570,8 +583,8 @@ def synthetic_problems(split: str, n: int, seed: int = 0) -> list[Problem]:
         for _ in range(MAX_DRAWS):
             consts = {name: rng.choice(values) for name, values in sorted(template.consts.items())}
             function = rng.choice(template.functions)
-            identity = (_key(template, consts), function if split == "train" else "")
-            if split_of(template, consts) != split or identity in used:
+            identity = (_key(template, consts), function if split != "heldout" else "")
+            if not in_split(split_of(template, consts), split) or identity in used:
                 continue
             cases = _draw_cases(template, consts, rng)
             if cases is None:
@@ -657,12 +670,13 @@ def heldout_problems(n: int = DEFAULT_HELDOUT, seed: int = 0) -> list[Problem]:
 
 def write_embedded_sft_problems(out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR, *, n_train: int = DEFAULT_TRAIN,
                                 n_heldout: int = DEFAULT_HELDOUT, seed: int = 0) -> dict[str, str]:
-    """Writes the four files listed in the module docstring under `out_dir`; returns name -> path."""
+    """Writes the five files listed in the module docstring under `out_dir`; returns name -> path."""
     train = synthetic_problems("train", n_train, seed)
     heldout = synthetic_problems("heldout", n_heldout, seed)
     paths = {name: os.path.join(os.fspath(out_dir), f"synthetic_{name}.jsonl")
-             for name in ("train", "validation", "train_problems", "heldout_problems")}
+             for name in ("train", "sft", "validation", "train_problems", "heldout_problems")}
     write_sft_jsonl(problem_prompt_completions(train), paths["train"])
+    write_sft_jsonl(problem_prompt_completions(synthetic_problems("sft", n_train, seed)), paths["sft"])
     write_sft_jsonl(problem_prompt_completions(heldout), paths["validation"])
     write_problems_jsonl(train, paths["train_problems"])
     write_problems_jsonl(heldout, paths["heldout_problems"])

@@ -86,8 +86,11 @@ class RLEvalConfig:
 @section
 class RLSection:
     init_from: Annotated[str, Field(min_length=1)]
-    problems: str = SYNTHETIC  # "synthetic": the embedded train split | a HumanEval/MBPP-style JSONL file
-    num_problems: PositiveInt = 2000  # synthetic train problems to generate (or the first N of the file)
+    problems: str = SYNTHETIC  # "synthetic": the embedded problems | a HumanEval/MBPP-style JSONL file
+    # The embedded problems' split: "train" (all of it), or "rl", whose constants the SFT default never
+    # shows (evals/synthetic.py), so rewards favour reading the docstring over recalling an SFT answer.
+    synthetic_split: Literal["train", "rl", "sft"] = "train"
+    num_problems: PositiveInt = 2000  # synthetic problems to generate (or the first N of the file)
     # Group size 16: pass@1 is flat for N = 4..64 and training collapses at N >= 128 (the finding the
     # issue quotes for code RL); 16 is the common default of DeepSeekMath's GRPO and DAPO.
     group_size: Annotated[int, Field(ge=2)] = 16
@@ -276,7 +279,10 @@ def train_problems(rl: RLSection, sampler_encode: Any) -> list[Problem]:
     if rl.problems == SYNTHETIC:
         from evals.synthetic import synthetic_problems  # noqa: PLC0415
 
-        problems = synthetic_problems("train", rl.num_problems, seed=0)
+        try:
+            problems = synthetic_problems(rl.synthetic_split, rl.num_problems, seed=0)
+        except ValueError as error:
+            raise ConfigError(f"rl.num_problems: {error}") from error
     else:
         problems = load_problems(rl.problems)[: rl.num_problems]
     kept = [p for p in problems if len(sampler_encode(p.prompt)) <= rl.max_prompt_len]

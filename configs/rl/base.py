@@ -36,6 +36,7 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.rl = ConfigDict()
     cfg.rl.init_from = ""  # a codelm run directory or a Hugging Face checkpoint directory
     cfg.rl.problems = "synthetic"  # synthetic | a HumanEval/MBPP-style JSONL file of training problems
+    cfg.rl.synthetic_split = "train"  # train | rl (constants the SFT default never shows) | sft
     cfg.rl.num_problems = 2000
     # 16: pass@1 is flat for N = 4..64 and training collapses at N >= 128 (the finding issue 13 quotes).
     cfg.rl.group_size = 16

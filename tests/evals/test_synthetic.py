@@ -14,6 +14,7 @@ from evals.generation import truncate_at_stop
 from evals.problems import load_problems
 from evals.synthetic import (
     TEMPLATES,
+    in_split,
     problem_conversations,
     problem_prompt_completions,
     synthetic_problems,
@@ -55,6 +56,20 @@ def test_splits_are_disjoint_for_any_seeds(train, heldout):
         assert len({identity(p) for p in problems}) == len(problems)  # no repeats within the held-out set
     assert len({p.prompt for p in train}) == len(train)
     assert len({p.task_id for p in train + heldout}) == len(train) + len(heldout)
+
+
+def test_sft_and_rl_split_the_train_constants(train, heldout):
+    """The curriculum's splits: "sft" and "rl" share no constants, and each is inside "train"."""
+    sft, rl = synthetic_problems("sft", 1500), synthetic_problems("rl", 500)
+    sft_instances, rl_instances = {identity(p) for p in sft}, {identity(p) for p in rl}
+    assert not sft_instances & rl_instances
+    assert not (sft_instances | rl_instances) & {identity(p) for p in heldout}
+    for template in TEMPLATES:  # each has constants of every bucket
+        buckets = [synthetic.split_of(template, consts) for consts in template.choices()]
+        assert {"heldout", "rl", "sft"} == set(buckets), template.name
+        assert [in_split(b, "train") for b in buckets] == [b != "heldout" for b in buckets]
+    assert {template_of(p) for p in rl} == {template_of(p) for p in sft}  # RL practises every template
+    assert {identity(p) for p in train} & rl_instances and {identity(p) for p in train} & sft_instances
 
 
 def test_family_is_broad(train, heldout):
@@ -115,6 +130,7 @@ def test_embedded_files(tmp_path, train, heldout):
     paths = synthetic.write_embedded_sft_problems(tmp_path)
     read = lambda name: [json.loads(line) for line in open(paths[name], encoding="utf-8")]
     assert read("train") == problem_prompt_completions(train)
+    assert read("sft") == problem_prompt_completions(synthetic_problems("sft", len(train)))
     assert read("validation") == problem_prompt_completions(heldout)
     assert load_problems(paths["train_problems"]) == train and load_problems(paths["heldout_problems"]) == heldout
     stamps = {name: (os.stat(path).st_ino, os.stat(path).st_mtime_ns) for name, path in paths.items()}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.rl import base as rl_base
-from rl.train import load_rl_config, train_rl
+from rl.train import load_rl_config, train_problems, train_rl
 from sandbox.local import LocalSandbox
 from tests.train.conftest import small_run
 from tests.train.test_trainer import make_task, one_device, train
@@ -180,3 +180,8 @@ def test_rl_configs_load_and_name_bad_fields(pretrained, tmp_path):
         load_rl_config(rl_config(pretrained, tmp_path, rl__estimator="ppo"))
     with pytest.raises(ConfigError, match=r"rl\.dual_clip: must be 0 \(off\) or > 1"):
         load_rl_config(rl_config(pretrained, tmp_path, rl__dual_clip=0.5))
+    with pytest.raises(ConfigError, match="rl.synthetic_split"):
+        load_rl_config(rl_config(pretrained, tmp_path, rl__synthetic_split="heldout"))
+    with pytest.raises(ConfigError, match=r"rl\.num_problems: only \d+ distinct rl problems exist"):
+        train_problems(load_rl_config(rl_config(pretrained, tmp_path, rl__synthetic_split="rl", rl__num_problems=5000)).rl,
+                       lambda text: [0])
