@@ -52,7 +52,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 test: install system-deps lint
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
 
 # The Beam curation pipeline in its own environment (apache-beam needs protobuf<7; codelm pins 7):
 # the DirectRunner with worker processes against the local driver, same documents and report.
