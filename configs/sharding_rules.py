@@ -32,6 +32,14 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # MLA latents (models/mla.py), as MaxText places them: a down-projection's latent output is whole
+    # (small, and every head reads all of it), an up-projection's latent input is sharded like "embed".
+    ("q_lora_up_proj", None),
+    ("kv_lora_up_proj", None),
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
+    # The multi-token-prediction projection's [2 * d_model] input (models/mtp.py); its output is "embed".
+    ("concat_embed", None),
     ("experts", "expert"),
     ("expert_mlp", "tensor"),
     ("layers", None),

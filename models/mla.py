@@ -35,8 +35,9 @@ from models.layers import (
 from models.lora import with_adapter
 from models.sharding import constrain
 
-# The latent dims are replicated (no logical axis): they are small and every head reads all of them.
-_LATENT = None
+# Logical names of the latent dims, as MaxText names them: a down-projection's output ("*_up_proj")
+# stays whole (every head reads all of it), an up-projection's input is sharded like the model dim
+# (configs/sharding_rules.py).
 
 
 def mla_layer_cache(mla: MLAConfig, batch: int, length: int, dtype: jnp.dtype) -> LayerCache:
@@ -72,15 +73,15 @@ class MultiHeadLatentAttention(nnx.Module):
         pdt = dtype_of(cfg.param_dtype)
         init = normal(cfg.init_std)
         if m.q_lora_rank:
-            self.q_a_proj = param(rngs, init, (d, m.q_lora_rank), ("embed", _LATENT), pdt)
+            self.q_a_proj = param(rngs, init, (d, m.q_lora_rank), ("embed", "q_lora_up_proj"), pdt)
             self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-            self.q_b_proj = param(rngs, init, (m.q_lora_rank, n, m.qk_head_dim), (_LATENT, "heads", "head_dim"), pdt)
+            self.q_b_proj = param(rngs, init, (m.q_lora_rank, n, m.qk_head_dim), ("q_lora", "heads", "head_dim"), pdt)
         else:
             self.q_proj = param(rngs, init, (d, n, m.qk_head_dim), ("embed", "heads", "head_dim"), pdt)
-        self.kv_a_proj = param(rngs, init, (d, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", _LATENT), pdt)
+        self.kv_a_proj = param(rngs, init, (d, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", "kv_lora_up_proj"), pdt)
         self.kv_norm = RMSNorm(m.kv_lora_rank, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.kv_b_proj = param(rngs, init, (m.kv_lora_rank, n, m.qk_nope_head_dim + m.v_head_dim),
-                               (_LATENT, "heads", "head_dim"), pdt)
+                               ("kv_lora", "heads", "head_dim"), pdt)
         self.o_proj = param(rngs, normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)), (n, m.v_head_dim, d),
                             ("heads", "head_dim", "embed"), pdt)
 
