@@ -20,6 +20,8 @@ MODEL_FIELDS = {
     "qk_norm": bool, "rope_theta": float, "sliding_window": int, "tie_embeddings": bool, "logit_softcap": float,
     "max_seq_len": int, "init_std": float, "dtype": str, "param_dtype": str, "scan_layers": bool, "remat": str,
     "attention_impl": str, "layer_types": str, "global_every": int, "cross_entropy_chunk": int,
+    "query_pre_attn_scalar": int, "attn_logit_softcap": float, "scale_embeddings": bool, "post_norms": bool,
+    "norm_scale_offset": float,
 }
 ROPE_SCALING_FIELDS = {
     "kind": str, "factor": float, "original_max_position": int, "low_freq_factor": float,

@@ -15,7 +15,8 @@ from typing import Any
 from configs.schema import ConfigError, unknown_field
 
 NORMS = ("rms", "layer")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "geglu", "gelu")
+GATED_MLPS = ("swiglu", "geglu")  # down(act(gate x) * up x): three matrices
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "cudnn", "splash")  # kernels: models/attention
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -223,8 +224,9 @@ class LoRAConfig:
 class ModelConfig:
     """Shapes and options of a decoder-only transformer.
 
-    The fields cover Llama (DeepSeek-Coder, CodeLlama), Qwen2/2.5, Qwen3, Mistral and StarCoder2:
-    norm type, QKV / projection biases, QK-norm, sliding windows, SwiGLU or GELU MLPs, tied embeddings.
+    The fields cover Llama (DeepSeek-Coder, CodeLlama), Qwen2/2.5, Qwen3, Mistral, StarCoder2 and
+    Gemma / Gemma 2: norm type, QKV / projection biases, QK-norm, sliding windows, SwiGLU, GeGLU or
+    GELU MLPs, tied embeddings, Gemma's scaled embeddings, post-norms and soft-capping.
     """
 
     name: str = "custom"
@@ -252,6 +254,15 @@ class ModelConfig:
     global_every: int = 0
     tie_embeddings: bool = False
     logit_softcap: float = 0.0  # 0: off; else logits = cap * tanh(logits / cap)
+    # Gemma: attention scores q.k / sqrt(query_pre_attn_scalar) (0: head_dim), then soft-capped at
+    # cap * tanh(score / cap) (0: off); embeddings times sqrt(d_model) (the factor in the compute
+    # dtype); the attention and MLP outputs normalised again before the residual add (post_norms);
+    # RMSNorm multiplying by (norm_scale_offset + scale), Gemma's stored scale being 1 less.
+    query_pre_attn_scalar: int = 0
+    attn_logit_softcap: float = 0.0
+    scale_embeddings: bool = False
+    post_norms: bool = False
+    norm_scale_offset: float = 0.0
     max_seq_len: int = 4096
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype
@@ -302,6 +313,10 @@ class ModelConfig:
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
         _check(self.sliding_window >= 0, "sliding_window", "must be >= 0 (0 disables it)")
         _check(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 disables it)")
+        _check(self.attn_logit_softcap >= 0, "attn_logit_softcap", "must be >= 0 (0 disables it)")
+        _check(self.query_pre_attn_scalar >= 0, "query_pre_attn_scalar", "must be >= 0 (0: head_dim)")
+        _check(self.norm == "rms" or not self.norm_scale_offset, "norm_scale_offset", "applies to RMSNorm only")
+        _check(self.moe is None or self.mlp != "geglu", "mlp", "MoE experts are swiglu or gelu")
         self.rope_scaling.validate()
         if self.layer_types:
             _check(len(self.layer_types) == self.n_layers, "layer_types",
@@ -323,6 +338,8 @@ class ModelConfig:
             _check(self.n_kv_heads == self.n_heads, "n_kv_heads", "multi-head latent attention has one key/value head per query head")
             _check(not (self.qkv_bias or self.out_bias or self.qk_norm), "mla",
                    "multi-head latent attention has no qkv_bias, out_bias or qk_norm")
+            _check(not (self.query_pre_attn_scalar or self.attn_logit_softcap or self.norm_scale_offset), "mla",
+                   "multi-head latent attention has no query_pre_attn_scalar, attn_logit_softcap or norm_scale_offset")
         _check(self.mla is not None or not self.rope_scaling.attention_factor, "rope_scaling.attention_factor",
                "only multi-head latent attention reads it; leave it 0")
 
@@ -383,7 +400,7 @@ class ModelConfig:
 
     def _mlp_params(self, d_ff: int) -> int:
         d = self.d_model
-        if self.mlp == "swiglu":
+        if self.mlp in GATED_MLPS:
             return 3 * d * d_ff + (2 * d_ff + d if self.mlp_bias else 0)
         return 2 * d * d_ff + (d_ff + d if self.mlp_bias else 0)
 
@@ -407,7 +424,7 @@ class ModelConfig:
         active: for MoE, count only the routed experts a token uses (plus shared experts and router).
         embeddings: include the input embedding (and the LM head when untied).
         """
-        block_common = self._attention_params() + 2 * self._norm_params()
+        block_common = self._attention_params() + (4 if self.post_norms else 2) * self._norm_params()
         total = self.n_layers * block_common + self.n_dense_layers * self._mlp_params(self.d_ff)
         if self.n_moe_layers:
             total += self.n_moe_layers * self._moe_ffn_params(active)
@@ -432,7 +449,8 @@ class ModelConfig:
         N_matmul is `matmul_params_per_token()` (active parameters for MoE, LM head included,
         embedding gather excluded); the second term is QK^T and AV over T_attn keys, forward (2 FLOPs
         per multiply-add) times 3 for the backward pass; qk_head_dim = v_head_dim = head_dim except
-        under MLA. T_attn = seq_len, or the layer's sliding window when smaller. Like PaLM, the full
+        under MLA. T_attn = seq_len, or the layer's sliding window when smaller; multi-token-prediction
+        blocks count as layers with the last layer's window. Like PaLM, the full
         attention matrix is counted (no discount for causal masking).
         """
         qk, v = (self.mla.qk_head_dim, self.mla.v_head_dim) if self.mla else (self.head_dim, self.head_dim)
@@ -628,6 +646,23 @@ def _mla_presets() -> dict[str, ModelConfig]:
 
 
 PRESETS.update(_mla_presets())
+
+
+def _gemma_presets() -> dict[str, ModelConfig]:
+    """CodeGemma-7B (google/codegemma-7b, the Gemma 7B architecture: GeGLU MLP, scaled and tied
+    embeddings, multi-head attention with 256-wide heads) and a CPU-sized Gemma 2: the `tiny` trunk
+    with Gemma 2's sliding and global layers alternating, post-norms and soft-capped attention scores
+    and logits (Gemma 2 2B/9B's 50 and 30, queries scaled by 1 / sqrt(head_dim))."""
+    gemma = dict(mlp="geglu", scale_embeddings=True, norm_scale_offset=1.0, tie_embeddings=True, norm_eps=1e-6)
+    codegemma = ModelConfig(name="codegemma-7b", vocab_size=256000, d_model=3072, n_layers=28, n_heads=16, n_kv_heads=16,
+                            head_dim=256, d_ff=24576, rope_theta=10000.0, max_seq_len=8192, **gemma)
+    tiny = PRESETS["tiny"]
+    gemma2_tiny = tiny.replace(name="gemma2-tiny", sliding_window=128, global_every=2, post_norms=True,
+                               query_pre_attn_scalar=tiny.head_dim, attn_logit_softcap=50.0, logit_softcap=30.0, **gemma)
+    return {p.name: p for p in (codegemma, gemma2_tiny)}
+
+
+PRESETS.update(_gemma_presets())
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -142,30 +142,40 @@ class DenseFeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)). With `cfg.post_norms`
+    (Gemma 2/3) each output is normalised again before the residual add: x + norm(attn(norm(x)))."""
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, *, rngs: nnx.Rngs):
         self.attn_norm = make_norm(cfg, cfg.d_model, rngs)
         self.attn = make_attention(cfg, spec.window, rngs)
         self.ffn_norm = make_norm(cfg, cfg.d_model, rngs)
         self.ffn = make_feed_forward(cfg, spec.moe, rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = make_norm(cfg, cfg.d_model, rngs)
+            self.post_ffn_norm = make_norm(cfg, cfg.d_model, rngs)
+
+    def _post_norm(self, name: str, y: jax.Array) -> jax.Array:
+        return getattr(self, name)(y) if hasattr(self, name) else y
+
+    def _feed_forward(self, x: jax.Array) -> tuple[jax.Array, Aux]:
+        """The second residual branch: x [B, T, D] -> (x + ffn(norm(x)), aux)."""
+        y, aux = self.ffn(self.ffn_norm(x))
+        return x + self._post_norm("post_ffn_norm", y), aux
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: LayerCache | None
     ) -> tuple[jax.Array, Aux, LayerCache | None]:
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-        x = x + h
-        y, aux = self.ffn(self.ffn_norm(x))
-        return x + y, aux, cache
+        x, aux = self._feed_forward(x + self._post_norm("post_attn_norm", h))
+        return x, aux, cache
 
     def decode(
         self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int, window: int
     ) -> tuple[jax.Array, KVCache]:
         """The sampling path (`Attention.decode`): x [B, T, D] -> (x, cache with layer `layer` written)."""
         h, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer, window)
-        x = x + h
-        y, _ = self.ffn(self.ffn_norm(x))
-        return x + y, cache
+        x, _ = self._feed_forward(x + self._post_norm("post_attn_norm", h))
+        return x, cache
 
 
 StackCache = LayerCache | tuple[LayerCache, ...]
@@ -315,8 +325,7 @@ class Decoder(nnx.Module):
         hidden states [B, T, D], the cache with their keys/values written). Queries attend over cache
         slots [0, window) up to their own position (`Attention.decode`); prefill is T = prompt length
         at positions 0..T-1, a decode step T = 1 at each row's own position."""
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
-        x = constrain(x, ("batch", "activation_length", "activation_embed"))
+        x = self.embed_tokens(tokens)
         new_cache = {}
         for name, stack in self.ordered_stacks():
             x, new_cache[name] = stack.decode(x, positions, cache[name], window)
@@ -347,15 +356,12 @@ class Decoder(nnx.Module):
     ) -> tuple[jax.Array, Aux, dict[str, StackCache] | None]:
         """The final-normed hidden states [B, T, D] that `logits` maps to the vocabulary; arguments as
         `__call__`. Separate so that callers can take logits at a few positions only (sampling)."""
-        cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(cfg.dtype))
-        x = constrain(x, ("batch", "activation_length", "activation_embed"))
-
+        x = self.embed_tokens(tokens)
         aux: Aux = {}
         new_cache = {} if cache is not None else None
         for name, stack in self.ordered_stacks():
@@ -364,6 +370,15 @@ class Decoder(nnx.Module):
             if new_cache is not None:
                 new_cache[name] = stack_cache
         return self.final_norm(x), aux, new_cache
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> embeddings [B, T, D] in the compute dtype, times sqrt(d_model) with
+        `cfg.scale_embeddings` (the factor rounded to the compute dtype first, as Gemma does)."""
+        dtype = dtype_of(self.cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(self.cfg.d_model**0.5, dtype)
+        return constrain(x, ("batch", "activation_length", "activation_embed"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Hidden states [B, T, D] -> float32 logits [B, T, V]."""

@@ -24,8 +24,9 @@ from models.attention import (  # noqa: F401  (the attention seam, re-exported w
     available_attention_kernels,
     chunked_attention,
     register_attention_kernel,
+    soft_cap,
 )
-from models.config import ModelConfig, RopeScaling
+from models.config import GATED_MLPS, ModelConfig, RopeScaling
 from models.lora import with_adapter
 from models.sharding import LogicalAxes, constrain
 
@@ -54,16 +55,20 @@ ones: Initializer = nnx.initializers.ones_init()
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+    """x / rms(x) * (offset + scale), computed in float32 (Zhang & Sennrich 2019).
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = param(rngs, ones, (dim,), ("norm",), param_dtype)
+    offset: Gemma stores its scales as (scale - 1) and adds the 1 in float32 (offset 1.0), which keeps
+    bfloat16 checkpoints exact; the scale starts at 1 - offset, so the product starts at 1.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype, rngs: nnx.Rngs, offset: float = 0.0):
+        self.eps, self.offset = eps, offset
+        self.scale = param(rngs, nnx.initializers.constant(1.0 - offset), (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -83,8 +88,9 @@ class LayerNorm(nnx.Module):
 
 
 def make_norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
-    norm_cls = RMSNorm if cfg.norm == "rms" else LayerNorm
-    return norm_cls(dim, cfg.norm_eps, param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+    if cfg.norm == "rms":
+        return RMSNorm(dim, cfg.norm_eps, param_dtype=dtype_of(cfg.param_dtype), rngs=rngs, offset=cfg.norm_scale_offset)
+    return LayerNorm(dim, cfg.norm_eps, param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
 
 
 # ---- rotary position embeddings --------------------------------------------------------------------
@@ -187,10 +193,11 @@ class KVCache(NamedTuple):
         return cls(kv, kv)
 
 
-def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_softcap: float = 0.0) -> jax.Array:
     """Attention over cache slots: q [B, T, N, H], k/v [B, K, W, H], mask [B, T, W] -> [B, T, N, H].
 
-    Query head j*G + g uses KV head j (G = N / K), as the kernels do. Scores and softmax are float32.
+    Query head j*G + g uses KV head j (G = N / K), as the kernels do. Scores and softmax are float32;
+    scaled scores are soft-capped at cap * tanh(score / cap) when `logit_softcap` (static) is set.
     A decode step (T = 1) runs each of the G query heads of a KV head as its own matrix-vector
     product: XLA lowers those to fused multiply-reduce loops, where the batched [G, W] x [W, H]
     products of the general form run ~2.5x slower on CPU at a decode batch (results/sampler_profile).
@@ -200,7 +207,8 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
 
     def softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-        return jax.nn.softmax(jnp.where(mask, scores / math.sqrt(h), jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+        scores = soft_cap(scores / math.sqrt(h), logit_softcap)
+        return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
 
     if t == 1:
         heads = []
@@ -217,7 +225,8 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query / multi-query attention with RoPE, optional QKV bias and QK-norm.
 
     window: this layer's sliding window (0: full attention; None: `cfg.sliding_window`), so that a
-    model's layers can differ (`ModelConfig.layer_window`).
+    model's layers can differ (`ModelConfig.layer_window`). Scores are q.k / sqrt(head_dim), or
+    / sqrt(cfg.query_pre_attn_scalar) (Gemma), soft-capped when cfg.attn_logit_softcap is set.
     """
 
     LORA_WEIGHTS = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2)}  # models/lora.py
@@ -240,8 +249,8 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.o_bias = param(rngs, zeros, (d,), ("embed",), pdt)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-            self.k_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+            self.q_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs, offset=cfg.norm_scale_offset)
+            self.k_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs, offset=cfg.norm_scale_offset)
 
     def _project(self, x: jax.Array, name: str, axes: LogicalAxes) -> jax.Array:
         dtype = x.dtype
@@ -258,6 +267,8 @@ class Attention(nnx.Module):
         v = self._project(x, "v", ("batch", "activation_length", "activation_kv_heads", None))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.query_pre_attn_scalar:  # every kernel divides by sqrt(head_dim): rescale the queries
+            q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), q.dtype)
         inv_freq, rope_scale = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         return apply_rope(q, positions, inv_freq, rope_scale), apply_rope(k, positions, inv_freq, rope_scale), v
 
@@ -287,9 +298,11 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.append(k, v, positions, segment_ids)
             k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
-            mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, window)
+            mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, window,
+                                 logit_softcap=self.cfg.attn_logit_softcap)
         else:  # the row attends to itself, in order
-            mask = AttentionMask(positions, positions, segment_ids, segment_ids, window, causal=True)
+            mask = AttentionMask(positions, positions, segment_ids, segment_ids, window, causal=True,
+                                 logit_softcap=self.cfg.attn_logit_softcap)
         return self._attend_and_project(q, k, v, mask, x.dtype), cache
 
     def decode(
@@ -321,7 +334,7 @@ class Attention(nnx.Module):
         mask = slots <= positions[:, :, None]  # [B, T, W]
         if self.window:
             mask &= positions[:, :, None] - slots < self.window
-        out = slot_attention(q, read(write_k), read(write_v), mask)
+        out = slot_attention(q, read(write_k), read(write_v), mask, self.cfg.attn_logit_softcap)
         return self._output(out, x.dtype), KVCache(write_k, write_v)
 
 
@@ -329,7 +342,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU (Shazeer 2020: down(silu(gate x) * up x)) or GELU (down(gelu(up x + b)) + b) MLP."""
+    """SwiGLU (Shazeer 2020: down(silu(gate x) * up x)), GeGLU (down(gelu_tanh(gate x) * up x), Gemma) or
+    GELU (down(gelu(up x + b)) + b) MLP; GELUs use the tanh approximation."""
 
     LORA_WEIGHTS = {"gate_proj": (0, 1), "up_proj": (0, 1), "down_proj": (0, 1)}  # models/lora.py
 
@@ -339,12 +353,12 @@ class MLP(nnx.Module):
         d = cfg.d_model
         init = normal(cfg.init_std)
         out_init = normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in GATED_MLPS:
             self.gate_proj = param(rngs, init, (d, d_ff), ("embed", "mlp"), pdt)
         self.up_proj = param(rngs, init, (d, d_ff), ("embed", "mlp"), pdt)
         self.down_proj = param(rngs, out_init, (d_ff, d), ("mlp", "embed"), pdt)
         if cfg.mlp_bias:
-            if cfg.mlp == "swiglu":
+            if cfg.mlp in GATED_MLPS:
                 self.gate_bias = param(rngs, zeros, (d_ff,), ("mlp",), pdt)
             self.up_bias = param(rngs, zeros, (d_ff,), ("mlp",), pdt)
             self.down_bias = param(rngs, zeros, (d,), ("embed",), pdt)
@@ -366,6 +380,8 @@ class MLP(nnx.Module):
         up = self._linear(x, "up")
         if self.cfg.mlp == "swiglu":
             hidden = jax.nn.silu(self._linear(x, "gate")) * up
+        elif self.cfg.mlp == "geglu":
+            hidden = jax.nn.gelu(self._linear(x, "gate"), approximate=True) * up
         else:
             hidden = jax.nn.gelu(up, approximate=True)
         if len(lead) == 2:

@@ -17,6 +17,10 @@ from typing import Any, ClassVar
 from models.config import LAYER_TYPES, ConfigError, ModelConfig, RopeScaling
 from models.hf.layouts import HeadsBias, HeadsIn, HeadsOut, Layout, Same, Transposed
 
+# The ModelConfig fields only the Gemma families (models/hf/gemma.py) set, at their "off" values.
+GEMMA_FIELDS_OFF: Mapping[str, Any] = {"query_pre_attn_scalar": 0, "attn_logit_softcap": 0.0, "scale_embeddings": False,
+                                       "post_norms": False, "norm_scale_offset": 0.0}
+
 # Every block lives under this prefix; global tensors are listed in `Family.global_tensors`.
 LAYER_PREFIX = "model.layers.{layer}."
 
@@ -164,7 +168,8 @@ class Family:
     yarn_attention_factor: ClassVar[bool] = False  # see `read_rope`
     # ModelConfig fields this family cannot change (checked before export).
     fixed: ClassVar[Mapping[str, Any]] = {"norm": "rms", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0,
-                                          "layer_types": (), "global_every": 0, "mla": None}
+                                          "layer_types": (), "global_every": 0, "mla": None,
+                                          **GEMMA_FIELDS_OFF}
     # Families whose config.json has per-layer `layer_types` leave these two out of `fixed`.
     SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = ("layer_types", "global_every")
 

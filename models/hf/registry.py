@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.config import ConfigError, ModelConfig
 from models.hf.deepseek import DeepseekV2, DeepseekV3
 from models.hf.family import Family
+from models.hf.gemma import Gemma, Gemma2
 from models.hf.llama import Llama
 from models.hf.mistral import Mistral
 from models.hf.mixtral import Mixtral
@@ -16,7 +17,8 @@ from models.hf.starcoder2 import Starcoder2
 # Order matters for `infer_family`: the first family that can express a config is chosen.
 FAMILIES: dict[str, Family] = {
     f.model_type: f
-    for f in (Llama(), Qwen2(), Qwen3(), Mistral(), Starcoder2(), Mixtral(), Qwen3Moe(), DeepseekV3(), DeepseekV2())
+    for f in (Llama(), Qwen2(), Qwen3(), Mistral(), Starcoder2(), Mixtral(), Qwen3Moe(), DeepseekV3(), DeepseekV2(), Gemma(),
+              Gemma2())
 }
 
 

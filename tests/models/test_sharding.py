@@ -59,13 +59,19 @@ def test_golden_table_spot_checks():
     assert llama["lm_head"] == str(P("fsdp", "tensor"))
     # Scanned stacks keep their leading "layers" axis replicated.
     assert golden["starcoder2-3b"]["stacks/dense/blocks/attn_norm/bias"] == str(P(None, None))
-    # MLA: heads over tensor, the latent dims replicated; DeepSeek-V3's 256 experts over the expert axis,
+    # MLA: heads over tensor; a down-projection's latent output whole, an up-projection's latent input
+    # over fsdp (MaxText's q_lora / kv_lora rules); DeepSeek-V3's 256 experts over the expert axis,
     # expert widths over tensor.
     v3 = golden["deepseek-v3"]
     assert v3["stacks/moe/blocks/attn/kv_a_proj"] == str(P(None, "fsdp", None))
-    assert v3["stacks/moe/blocks/attn/kv_b_proj"] == str(P(None, None, "tensor", None))
+    assert v3["stacks/moe/blocks/attn/kv_b_proj"] == str(P(None, "fsdp", "tensor", None))
     assert v3["stacks/moe/blocks/attn/o_proj"] == str(P(None, "tensor", None, "fsdp"))
     assert v3["stacks/moe/blocks/ffn/experts/up"] == str(P(None, "expert", "fsdp", "tensor"))
+    # Gemma 2: one stack of the sliding/global pair, a position index after "blocks"; the GeGLU gate like
+    # SwiGLU's; post-norms replicated like the other norms.
+    gemma2 = golden["gemma2-tiny"]
+    assert gemma2["stacks/dense_sliding-dense_full/blocks/1/ffn/mlp/gate_proj"] == str(P(None, "fsdp", "tensor"))
+    assert gemma2["stacks/dense_sliding-dense_full/blocks/0/post_ffn_norm/scale"] == str(P(None, None))
 
 
 def test_indivisible_dimensions_are_replicated():
