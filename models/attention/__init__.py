@@ -24,7 +24,7 @@ import jax
 from models.attention.blockwise import blockwise_attention
 from models.attention.cudnn import cudnn_attention
 from models.attention.mask import AttentionMask, attention_mask, soft_cap, visible
-from models.attention.parallel import sharded_attention
+from models.attention.parallel import ring_attention, sharded_attention
 from models.attention.splash import splash_attention
 from models.attention.xla import QUERY_CHUNK, chunked_attention, reference_attention
 
@@ -82,5 +82,5 @@ def attention_kernel(name: str) -> AttentionFn:
 __all__ = [
     "ATTENTION_KERNELS", "LONG_SEQUENCE", "QUERY_CHUNK", "AttentionFn", "AttentionMask", "Kernel", "attention_kernel",
     "attention_mask", "available_attention_kernels", "blockwise_attention", "chunked_attention", "cudnn_attention", "reference_attention",
-    "register_attention_kernel", "sharded_attention", "soft_cap", "splash_attention", "visible", "xla_attention",
+    "register_attention_kernel", "ring_attention", "sharded_attention", "soft_cap", "splash_attention", "visible", "xla_attention",
 ]

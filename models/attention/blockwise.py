@@ -76,7 +76,8 @@ class _Tiling:
 
 
 def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
-    """Tiled inputs -> (out [nq, B, K, G, bq, Hv] in v's dtype, lse [nq, B, K, G, bq] float32)."""
+    """Tiled inputs -> (out [nq, B, K, G, bq, Hv] in v's dtype, lse [nq, B, K, G, bq] float32; MASKED for a
+    query that sees no key, so that merging partial results weighs it 0)."""
 
     def query_tile(_, tile):
         i, q_i, q_pos_i, q_seg_i = tile
@@ -98,7 +99,7 @@ def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
         seen = denom > 0  # a query that sees no key (padding) gets output 0
         denom = jnp.where(seen, denom, 1.0)
         out = acc / denom[..., None]
-        lse = jnp.where(seen, m + jnp.log(denom), 0.0)
+        lse = jnp.where(seen, m + jnp.log(denom), MASKED)
         return None, (out.astype(v.dtype), lse)
 
     _, (out, lse) = jax.lax.scan(query_tile, None, (jnp.arange(tiling.n_q), q, q_pos, q_seg))
@@ -107,19 +108,21 @@ def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
-    return _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset)[0]
+    return _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset)
 
 
 def _flash_fwd(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
     out, lse = _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset)
-    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, out, lse)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, out, lse)
 
 
-def _flash_bwd(tiling: _Tiling, residuals, d_out):
+def _flash_bwd(tiling: _Tiling, residuals, cotangents):
     """FlashAttention-2's backward: per key tile, loop over the query tiles that see it, recomputing
-    P = exp(S - lse); dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dK += dS^T Q, dQ += dS K."""
+    P = exp(S - lse); dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O) + d_lse), dK += dS^T Q, dQ += dS K
+    (d lse / dS = P: the log-sum-exp's own cotangent, nonzero when partial results are merged)."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
+    d_out, d_lse = cotangents
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [nq, B, K, G, bq]
 
     def key_tile(dq, tile):
         j, k_j, v_j, kv_pos_j, kv_seg_j = tile
@@ -170,6 +173,15 @@ def blockwise_attention(
 
     A query that sees no key gets output 0 (the dense reference would average every value).
     """
+    return blockwise_attention_with_lse(q, k, v, mask, block_q, block_kv)[0]
+
+
+def blockwise_attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV
+) -> tuple[jax.Array, jax.Array]:
+    """`blockwise_attention`'s output [B, T, N, Hv] and each query's log-sum-exp of its visible scores
+    [B, T, N] float32 (MASKED where it sees no key), both differentiable: attention over a union of key
+    sets is the merge of the parts' (out, lse) (`merge_partial_attention`), as in ring attention."""
     b, t, n, h = q.shape
     s, kv_heads, hv = k.shape[1], k.shape[2], v.shape[-1]
     group = n // kv_heads
@@ -180,11 +192,20 @@ def blockwise_attention(
     q_tiles = jnp.transpose(q_tiles, (0, 1, 3, 4, 2, 5))  # [nq, B, K, G, bq, H]
     k_tiles = jnp.transpose(_tiles(k, bk, 1), (0, 1, 3, 2, 4))  # [nk, B, K, bk, H]
     v_tiles = jnp.transpose(_tiles(v, bk, 1), (0, 1, 3, 2, 4))
-    out = _flash(
+    out, lse = _flash(
         tiling, q_tiles, k_tiles, v_tiles,
         _tiles(mask.q_positions, bq, 1), _tiles(mask.kv_positions, bk, 1),
         _tiles(mask.q_segment_ids, bq, 1, _PAD_Q_SEGMENT), _tiles(mask.kv_segment_ids, bk, 1, _PAD_KV_SEGMENT),
         jnp.asarray(mask.q_offset, jnp.int32),
-    )  # [nq, B, K, G, bq, Hv]
+    )  # [nq, B, K, G, bq, Hv], [nq, B, K, G, bq]
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, tiling.n_q * bq, n, hv)
-    return out[:, :t]
+    lse = jnp.transpose(lse, (1, 0, 4, 2, 3)).reshape(b, tiling.n_q * bq, n)
+    return out[:, :t], lse[:, :t]
+
+
+def merge_partial_attention(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+    """Attention over keys A and B from attention over each: out [B, T, N, Hv] (float32 result), lse [B, T, N]."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    weight = lambda part: jnp.exp(part - lse)[..., None]  # noqa: E731
+    return out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b), lse

@@ -18,6 +18,7 @@ from models.attention import (
     reference_attention,
     xla_attention,
 )
+from models.attention.blockwise import blockwise_attention_with_lse, merge_partial_attention
 from models.attention.cudnn import cudnn_attention
 from models.attention.cudnn import fits as cudnn_fits
 from models.attention.splash import fits, splash_attention, splash_mask
@@ -122,6 +123,24 @@ def test_blockwise_matches_reference(name):
     args, (block_q, block_kv) = BLOCKWISE_CASES[name]
     kernel = lambda q, k, v, mask: blockwise_attention(q, k, v, mask, block_q, block_kv)  # noqa: E731
     assert_matches_reference(kernel, *make_case(**args))
+
+
+def test_blockwise_parts_merge_to_the_whole():
+    """Attention over the first and the second half of the keys, each with its log-sum-exp (the second
+    with the queries 20 rows before its first key), merges into attention over all keys, values and
+    gradients: one step of ring attention."""
+    q, k, v, mask = make_case(window=9)
+    half = k.shape[1] // 2
+
+    def merged(q, k, v, mask):
+        def part(lo, hi, offset):
+            block = mask._replace(kv_positions=mask.kv_positions[:, lo:hi], kv_segment_ids=mask.kv_segment_ids[:, lo:hi],
+                                  q_offset=offset)
+            return blockwise_attention_with_lse(q, k[:, lo:hi], v[:, lo:hi], block, 8, 8)
+
+        return merge_partial_attention(*part(0, half, 0), *part(half, k.shape[1], -half))[0]
+
+    assert_matches_reference(merged, q, k, v, mask)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Context parallelism on 8 simulated devices (sequence=4 x fsdp=2): activations split along T, attention
-all-gathering keys and values; forward and gradients equal the unsharded ones."""
+all-gathering keys and values or passing them around a ring; forward and gradients equal the unsharded ones."""
 
 import functools
 
@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs.sharding_rules import DEFAULT_RULES
-from models.attention import AttentionMask, blockwise_attention, reference_attention, sharded_attention
+from models.attention import AttentionMask, blockwise_attention, reference_attention, ring_attention, sharded_attention
 from models.config import get_preset
 from models.decoder import Decoder
 from models.sharding import create_sharded, make_mesh, sharding_context
@@ -30,17 +30,28 @@ def packed(b: int, t: int) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(pos), jnp.asarray(seg)
 
 
-def test_context_parallel_attention_equals_the_reference():
-    """Each shard's queries start at its offset in the row: causal masking and tile skipping (tiles of 4
-    queries x 4 keys, window 6) stay exact; gradients reduce-scatter back to the key/value shards."""
+CONTEXT_PARALLEL = {  # name: (attention with the mask's tiles, the collective that moves keys and values)
+    "all_gather": (functools.partial(sharded_attention, functools.partial(blockwise_attention, block_q=4, block_kv=4)),
+                   "all_gather"),
+    "ring": (functools.partial(ring_attention, block_q=4, block_kv=4), "collective_permute"),
+}
+
+
+@pytest.mark.parametrize("schedule,window", [("all_gather", 6)] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in [("all_gather", 0), ("ring", 6), ("ring", 0)]])
+def test_context_parallel_attention_equals_the_reference(schedule, window):
+    """Each shard's queries start at their offset from the keys they attend to: causal masking and
+    tile skipping (tiles of 4 queries x 4 keys) stay exact whether keys and values are all-gathered or
+    passed around the ring; gradients flow back to the key/value shards (reduce-scatter, or the ring
+    reversed)."""
     mesh = make_mesh(MESH)
     b, t = 2, 32
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32) for _ in range(2))
     pos, seg = packed(b, t)
-    mask = AttentionMask(pos, pos, seg, seg, sliding_window=6, causal=True)
-    kernel = functools.partial(blockwise_attention, block_q=4, block_kv=4)
+    mask = AttentionMask(pos, pos, seg, seg, sliding_window=window, causal=True)
+    attend, collective = CONTEXT_PARALLEL[schedule]
 
     def loss(q, k, v, attend):
         return jnp.sum(jnp.sin(attend(q, k, v, mask)))
@@ -48,11 +59,10 @@ def test_context_parallel_attention_equals_the_reference():
     want = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, reference_attention)
     split = NamedSharding(mesh, P("fsdp", "sequence"))
     with sharding_context(mesh, DEFAULT_RULES):
-        attend = functools.partial(sharded_attention, kernel)
         run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
         got = run(*(jax.device_put(x, split) for x in (q, k, v)), attend)
-        hlo = run.lower(q, k, v, attend).as_text()
-    assert "all-gather" in hlo or "all_gather" in hlo
+        hlo = run.lower(q, k, v, attend).as_text()  # the shard_map's own collectives
+    assert collective in hlo and (schedule == "all_gather" or "all_gather" not in hlo)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5), got, want)
 
 
