@@ -22,6 +22,7 @@ MODEL_FIELDS = {
     "attention_impl": str, "layer_types": str, "global_every": int, "cross_entropy_chunk": int,
     "query_pre_attn_scalar": int, "attn_logit_softcap": float, "scale_embeddings": bool, "post_norms": bool,
     "norm_scale_offset": float,
+    "mtp_depth": int, "mtp_loss_weight": float,
 }
 ROPE_SCALING_FIELDS = {
     "kind": str, "factor": float, "original_max_position": int, "low_freq_factor": float,

@@ -271,6 +271,11 @@ class ModelConfig:
     remat: str = "full"
     attention_impl: str = "xla"
     cross_entropy_chunk: int = 0  # tokens per row whose logits exist at once in the loss (0: all; train/step.py)
+    # DeepSeek-V3 multi-token prediction (models/mtp.py), for training only: depth k = 1..mtp_depth adds
+    # one block predicting the token k + 1 ahead; the loss adds mtp_loss_weight times the depths' mean
+    # cross-entropy (the paper's lambda: 0.3, then 0.1 for the last third of pretraining).
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.1
     moe: MoEConfig | None = None
     lora: LoRAConfig | None = None  # None: no adapters (models/lora.py)
     mla: MLAConfig | None = None  # None: grouped-query attention; else multi-head latent attention
@@ -309,6 +314,8 @@ class ModelConfig:
         _check_choice(self.remat, "remat", REMAT_POLICIES)
         _check_choice(self.attention_impl, "attention_impl", ATTENTION_IMPLS)
         _check(self.cross_entropy_chunk >= 0, "cross_entropy_chunk", "must be >= 0 (0: whole logits)")
+        _check(self.mtp_depth >= 0, "mtp_depth", "must be >= 0 (0: no multi-token prediction)")
+        _check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         _check(self.norm_eps > 0, "norm_eps", "must be > 0")
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
         _check(self.sliding_window >= 0, "sliding_window", "must be >= 0 (0 disables it)")
@@ -429,6 +436,9 @@ class ModelConfig:
         if self.n_moe_layers:
             total += self.n_moe_layers * self._moe_ffn_params(active)
         total += self._norm_params()  # final norm
+        if self.mtp_depth:  # per depth: the last layer's block, three norms and the [2D, D] projection
+            last_ffn = self._moe_ffn_params(active) if self.is_moe_layer(self.n_layers - 1) else self._mlp_params(self.d_ff)
+            total += self.mtp_depth * (block_common + last_ffn + 3 * self._norm_params() + 2 * self.d_model**2)
         if embeddings:
             total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return total
@@ -437,9 +447,10 @@ class ModelConfig:
         """Parameters a token multiplies by in a forward pass: active non-embedding weights plus the LM head.
 
         The input embedding is a gather, not a matmul, so it is excluded; the LM head is a matmul
-        whether or not it is tied to the embedding.
+        whether or not it is tied to the embedding. Multi-token prediction (training only) adds its
+        depths' blocks and projections, and one more LM head per depth.
         """
-        return self.param_count(active=True, embeddings=False) + self.vocab_size * self.d_model
+        return self.param_count(active=True, embeddings=False) + (1 + self.mtp_depth) * self.vocab_size * self.d_model
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
@@ -454,7 +465,8 @@ class ModelConfig:
         attention matrix is counted (no discount for causal masking).
         """
         qk, v = (self.mla.qk_head_dim, self.mla.v_head_dim) if self.mla else (self.head_dim, self.head_dim)
-        t_attn = sum(min(seq_len, w) if w else seq_len for w in map(self.layer_window, range(self.n_layers)))
+        windows = [self.layer_window(i) for i in range(self.n_layers)] + [self.layer_window(self.n_layers - 1)] * self.mtp_depth
+        t_attn = sum(min(seq_len, w) if w else seq_len for w in windows)
         return 6.0 * self.matmul_params_per_token() + 6.0 * self.n_heads * (qk + v) * t_attn
 
 

@@ -300,6 +300,10 @@ class Decoder(nnx.Module):
         self.final_norm = make_norm(cfg, cfg.d_model, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+        if cfg.mtp_depth:  # training-only heads, run by the loss (train/step.py); inference never calls them
+            from models.mtp import MultiTokenPrediction  # noqa: PLC0415  (mtp builds decoder blocks; avoid a cycle)
+
+            self.mtp = MultiTokenPrediction(cfg, rngs=rngs)
         if cfg.lora is not None:  # after the base weights, which are then the same as without LoRA
             add_adapters(self, cfg.lora, rngs)
 

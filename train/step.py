@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from models.lora import reseed_dropout
+from models.mtp import depth_targets
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -81,6 +82,31 @@ def chunked_token_loss_sums(
     return sums
 
 
+def head_loss_sums(model: nnx.Module, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`token_loss_sums` of the model's output head on hidden [B, T, D]: chunked when `chunk` > 0
+    (`chunked_token_loss_sums`), else over the whole [B, T, V] logits."""
+    if chunk:
+        return chunked_token_loss_sums(model.logits, hidden, targets, mask, chunk)
+    return token_loss_sums(model.logits(hidden), targets, mask)
+
+
+def multi_token_loss_sums(
+    model: nnx.Module, batch: Batch, hidden: jax.Array, chunk: int
+) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    """Summed cross-entropies of the multi-token-prediction depths k = 1..cfg.mtp_depth (models/mtp.py),
+    each over the pairs `depth_targets` gives it, and the depths' aux (none without MTP). hidden: the
+    decoder's final-normed output [B, T, D]."""
+    if not model.cfg.mtp_depth:
+        return [], {}
+    states, aux = model.mtp(model.embed_tokens, hidden, batch["inputs"], batch["positions"], batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    sums = []
+    for k, state in enumerate(states, start=1):
+        targets, depth_mask = depth_targets(batch["targets"], mask, batch["segment_ids"], k)
+        sums.append(head_loss_sums(model, state, targets, depth_mask, chunk)[0])
+    return sums, aux
+
+
 def next_token_loss(model: nnx.Module, batch: Batch, z_loss: float = 0.0, chunk: int | None = None) -> LossOutput:
     """Cross-entropy of `targets` given `inputs`, over positions where loss_mask > 0.
 
@@ -88,25 +114,30 @@ def next_token_loss(model: nnx.Module, batch: Batch, z_loss: float = 0.0, chunk:
     z_loss adds z_loss * log(Z)^2 per token (PaLM), keeping the softmax normaliser near 1.
     chunk (default `model.cfg.cross_entropy_chunk`): tokens per row whose logits exist at once
     (`chunked_token_loss_sums`); 0 computes the whole [B, T, V] logits.
+    With `cfg.mtp_depth` = D > 0 the loss adds DeepSeek-V3's multi-token prediction, lambda / D * sum_k
+    L_k (lambda = `cfg.mtp_loss_weight`), L_k being depth k's summed cross-entropy over the main loss's
+    token count (the paper's 1/T), logged as "mtp_loss/<k>"; its MoE aux joins the model's.
     """
-    chunk = model.cfg.cross_entropy_chunk if chunk is None else chunk
+    cfg = model.cfg
+    chunk = cfg.cross_entropy_chunk if chunk is None else chunk
     mask = batch["loss_mask"].astype(jnp.float32)
-    if chunk:
-        hidden, aux, _ = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-        xent_sum, log_z_sq_sum = chunked_token_loss_sums(model.logits, hidden, batch["targets"], mask, chunk)
-    else:
-        out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        aux = out.aux
-        xent_sum, log_z_sq_sum = token_loss_sums(out.logits, batch["targets"], mask)
+    hidden, aux, _ = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    xent_sum, log_z_sq_sum = head_loss_sums(model, hidden, batch["targets"], mask, chunk)
+    mtp_sums, mtp_aux = multi_token_loss_sums(model, batch, hidden, chunk)
+    aux = {**aux, **mtp_aux}
     n_tokens = jnp.sum(mask)
+    denom = jnp.maximum(n_tokens, 1)
     z_sum = z_loss * log_z_sq_sum
     aux_loss = model_aux_loss(aux)
     total = xent_sum + z_sum + aux_loss * n_tokens
+    if mtp_sums:
+        total += cfg.mtp_loss_weight / len(mtp_sums) * sum(mtp_sums)
     # The model's aux outputs keep their per-layer axis ([layers] or [layers, experts]); the loop's
     # logger summarises them and `post_update` (MoE bias balancing) reads them.
-    metrics = {"xent": xent_sum / jnp.maximum(n_tokens, 1), "aux_loss": aux_loss, **aux}
+    metrics = {"xent": xent_sum / denom, "aux_loss": aux_loss, **aux}
+    metrics.update({f"mtp_loss/{k}": s / denom for k, s in enumerate(mtp_sums, start=1)})
     if z_loss:
-        metrics["z_loss"] = z_sum / jnp.maximum(n_tokens, 1)
+        metrics["z_loss"] = z_sum / denom
     return LossOutput(total, n_tokens, metrics)
 
 
