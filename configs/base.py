@@ -21,7 +21,7 @@ MODEL_FIELDS = {
     "max_seq_len": int, "init_std": float, "dtype": str, "param_dtype": str, "scan_layers": bool, "remat": str,
     "attention_impl": str, "layer_types": str, "global_every": int, "cross_entropy_chunk": int,
     "query_pre_attn_scalar": int, "attn_logit_softcap": float, "scale_embeddings": bool, "post_norms": bool,
-    "norm_scale_offset": float,
+    "norm_scale_offset": float, "sliding_rope_theta": float,
     "mtp_depth": int, "mtp_loss_weight": float,
 }
 ROPE_SCALING_FIELDS = {

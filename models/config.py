@@ -225,7 +225,7 @@ class ModelConfig:
     """Shapes and options of a decoder-only transformer.
 
     The fields cover Llama (DeepSeek-Coder, CodeLlama), Qwen2/2.5, Qwen3, Mistral, StarCoder2 and
-    Gemma / Gemma 2: norm type, QKV / projection biases, QK-norm, sliding windows, SwiGLU, GeGLU or
+    Gemma 1-3: norm type, QKV / projection biases, QK-norm, sliding windows, SwiGLU, GeGLU or
     GELU MLPs, tied embeddings, Gemma's scaled embeddings, post-norms and soft-capping.
     """
 
@@ -257,12 +257,14 @@ class ModelConfig:
     # Gemma: attention scores q.k / sqrt(query_pre_attn_scalar) (0: head_dim), then soft-capped at
     # cap * tanh(score / cap) (0: off); embeddings times sqrt(d_model) (the factor in the compute
     # dtype); the attention and MLP outputs normalised again before the residual add (post_norms);
-    # RMSNorm multiplying by (norm_scale_offset + scale), Gemma's stored scale being 1 less.
+    # RMSNorm multiplying by (norm_scale_offset + scale), Gemma's stored scale being 1 less; Gemma 3's
+    # sliding-window layers rotate by their own RoPE base, unscaled (sliding_rope_theta; 0: rope_theta).
     query_pre_attn_scalar: int = 0
     attn_logit_softcap: float = 0.0
     scale_embeddings: bool = False
     post_norms: bool = False
     norm_scale_offset: float = 0.0
+    sliding_rope_theta: float = 0.0
     max_seq_len: int = 4096
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype
@@ -323,6 +325,7 @@ class ModelConfig:
         _check(self.attn_logit_softcap >= 0, "attn_logit_softcap", "must be >= 0 (0 disables it)")
         _check(self.query_pre_attn_scalar >= 0, "query_pre_attn_scalar", "must be >= 0 (0: head_dim)")
         _check(self.norm == "rms" or not self.norm_scale_offset, "norm_scale_offset", "applies to RMSNorm only")
+        _check(self.sliding_rope_theta >= 0, "sliding_rope_theta", "must be >= 0 (0: rope_theta)")
         _check(self.moe is None or self.mlp != "geglu", "mlp", "MoE experts are swiglu or gelu")
         self.rope_scaling.validate()
         if self.layer_types:
@@ -345,8 +348,9 @@ class ModelConfig:
             _check(self.n_kv_heads == self.n_heads, "n_kv_heads", "multi-head latent attention has one key/value head per query head")
             _check(not (self.qkv_bias or self.out_bias or self.qk_norm), "mla",
                    "multi-head latent attention has no qkv_bias, out_bias or qk_norm")
-            _check(not (self.query_pre_attn_scalar or self.attn_logit_softcap or self.norm_scale_offset), "mla",
-                   "multi-head latent attention has no query_pre_attn_scalar, attn_logit_softcap or norm_scale_offset")
+            _check(not (self.query_pre_attn_scalar or self.attn_logit_softcap or self.norm_scale_offset
+                        or self.sliding_rope_theta), "mla", "multi-head latent attention has no query_pre_attn_scalar, "
+                   "attn_logit_softcap, norm_scale_offset or sliding_rope_theta")
         _check(self.mla is not None or not self.rope_scaling.attention_factor, "rope_scaling.attention_factor",
                "only multi-head latent attention reads it; leave it 0")
 

@@ -226,7 +226,8 @@ class Attention(nnx.Module):
 
     window: this layer's sliding window (0: full attention; None: `cfg.sliding_window`), so that a
     model's layers can differ (`ModelConfig.layer_window`). Scores are q.k / sqrt(head_dim), or
-    / sqrt(cfg.query_pre_attn_scalar) (Gemma), soft-capped when cfg.attn_logit_softcap is set.
+    / sqrt(cfg.query_pre_attn_scalar) (Gemma), soft-capped when cfg.attn_logit_softcap is set. RoPE has
+    base cfg.rope_theta and cfg.rope_scaling, or in sliding-window layers cfg.sliding_rope_theta when set.
     """
 
     LORA_WEIGHTS = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2)}  # models/lora.py
@@ -269,7 +270,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.query_pre_attn_scalar:  # every kernel divides by sqrt(head_dim): rescale the queries
             q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), q.dtype)
-        inv_freq, rope_scale = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        theta, scaling = self.cfg.rope_theta, self.cfg.rope_scaling
+        if self.window and self.cfg.sliding_rope_theta:  # Gemma 3's local layers: their own base, unscaled
+            theta, scaling = self.cfg.sliding_rope_theta, RopeScaling()
+        inv_freq, rope_scale = rope_frequencies(self.cfg.head_dim, theta, scaling)
         return apply_rope(q, positions, inv_freq, rope_scale), apply_rope(k, positions, inv_freq, rope_scale), v
 
     def _attend_and_project(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype: jnp.dtype) -> jax.Array:

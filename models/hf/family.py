@@ -19,7 +19,7 @@ from models.hf.layouts import HeadsBias, HeadsIn, HeadsOut, Layout, Same, Transp
 
 # The ModelConfig fields only the Gemma families (models/hf/gemma.py) set, at their "off" values.
 GEMMA_FIELDS_OFF: Mapping[str, Any] = {"query_pre_attn_scalar": 0, "attn_logit_softcap": 0.0, "scale_embeddings": False,
-                                       "post_norms": False, "norm_scale_offset": 0.0}
+                                       "post_norms": False, "norm_scale_offset": 0.0, "sliding_rope_theta": 0.0}
 
 # Every block lives under this prefix; global tensors are listed in `Family.global_tensors`.
 LAYER_PREFIX = "model.layers.{layer}."

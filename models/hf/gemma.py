@@ -3,13 +3,15 @@ scaled by sqrt(hidden_size), RMSNorm weights stored as (scale - 1) (`norm_scale_
 embeddings. Gemma 2 adds a second norm after attention and after the MLP
 (`post_attention_layernorm` / `post_feedforward_layernorm`, the MLP's pre-norm then being
 `pre_feedforward_layernorm`), scores scaled by 1 / sqrt(query_pre_attn_scalar), soft-capped attention
-scores and final logits, and alternating sliding-window and global layers (`layer_types`).
+scores and final logits, and alternating sliding-window and global layers (`layer_types`). Gemma 3
+(`gemma3_text`, the language model of Gemma 3) adds QK-norm and gives its sliding-window layers their
+own RoPE base (`rope_local_base_freq`), the global layers keeping `rope_theta` and any scaling.
 """
 
 from typing import Any
 
 from models.config import ConfigError, ModelConfig
-from models.hf.family import Family, HFConfig, TensorMap, layer_schedule_fields, write_layer_types
+from models.hf.family import Family, HFConfig, TensorMap, layer_schedule_fields, write_layer_types, write_rope
 from models.hf.layouts import Same
 
 # transformers' name of the tanh-approximated GELU, codelm's GELU; Gemma releases wrote "gelu" for it
@@ -63,13 +65,16 @@ class Gemma2(Gemma):
     }
     fixed = {**{k: v for k, v in Gemma.fixed.items() if k not in Family.SCHEDULE_FIELDS + GEMMA2_FIELDS},
              "post_norms": True}
-    sliding_window_pattern = 2  # with no `layer_types`: every k-th layer global, the others sliding
+
+    def sliding_window_pattern(self, hf: HFConfig) -> int:
+        """With no `layer_types`: every k-th layer is global, the others slide."""
+        return 2
 
     def family_fields(self, hf: HFConfig) -> dict[str, Any]:
         hf.expect(self.activation_key, self.activations)
-        n_layers = hf.get("num_hidden_layers")
+        n_layers, k = hf.get("num_hidden_layers"), self.sliding_window_pattern(hf)
         layer_types = hf.get("layer_types") or [
-            "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention" for i in range(n_layers)
+            "full_attention" if (i + 1) % k == 0 else "sliding_attention" for i in range(n_layers)
         ]
         if len(layer_types) != n_layers:
             raise hf.error("layer_types", f"needs one entry per layer ({n_layers})")
@@ -101,3 +106,47 @@ class Gemma2(Gemma):
             ("attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
             ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffn_norm", "post_feedforward_layernorm"),
         )]
+
+
+class Gemma3Text(Gemma2):
+    model_type = "gemma3_text"
+    architecture = "Gemma3ForCausalLM"
+    defaults = {
+        **Gemma2.defaults,
+        "max_position_embeddings": 131072,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "sliding_window_pattern": 6,
+        "use_bidirectional_attention": False,
+    }
+    fixed = {**{k: v for k, v in Gemma2.fixed.items() if k != "sliding_rope_theta"}, "qk_norm": True}
+
+    def sliding_window_pattern(self, hf: HFConfig) -> int:
+        return hf.get("sliding_window_pattern")
+
+    def config_fields(self, hf: HFConfig) -> dict[str, Any]:
+        """RoPE per layer type: transformers 5 nests `rope_parameters` by layer type; older files have
+        `rope_theta` and `rope_scaling` for the global layers and `rope_local_base_freq` for the others."""
+        params = hf.values.get("rope_parameters") or {}
+        if "full_attention" in params or "sliding_attention" in params:
+            full, sliding = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        else:
+            full = {**(hf.values.get("rope_scaling") or params), "rope_theta": hf.get("rope_theta")}
+            sliding = {"rope_theta": hf.get("rope_local_base_freq")}
+        if sliding.get("rope_type", "default") != "default":
+            raise hf.error("rope_parameters", "codelm's sliding-window layers take unscaled RoPE (rope_type default)")
+        global_rope = {**hf.values, "rope_scaling": None, "rope_theta": None, "rope_parameters": full}
+        fields = super().config_fields(HFConfig(global_rope, hf.source, self.defaults))
+        return dict(fields, qk_norm=True, sliding_rope_theta=float(sliding.get("rope_theta") or hf.get("rope_local_base_freq")))
+
+    def family_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        sliding_theta = cfg.sliding_rope_theta or cfg.rope_theta
+        full = write_rope(cfg)
+        return dict(
+            super().family_config(cfg),
+            rope_local_base_freq=sliding_theta,
+            rope_parameters={"full_attention": full["rope_parameters"],
+                             "sliding_attention": {"rope_type": "default", "rope_theta": sliding_theta}},
+        )

@@ -1,7 +1,8 @@
-"""Gemma (CodeGemma) and Gemma 2 against transformers: tiny random models (decoupled head_dim, GeGLU,
-scaled embeddings, (1 + w) RMSNorm; Gemma 2's post-norms, query_pre_attn_scalar, soft-capped scores and
-logits, alternating sliding and global layers) import with logits equal to 1e-4 in float32, scanned and
-unrolled, and export back to the same logits; config defaults equal transformers' config classes; the
+"""Gemma (CodeGemma), Gemma 2 and Gemma 3 against transformers: tiny random models (decoupled head_dim,
+GeGLU, scaled embeddings, (1 + w) RMSNorm; Gemma 2's post-norms, query_pre_attn_scalar, soft-capped scores
+and logits, alternating sliding and global layers; Gemma 3's QK-norm, 5:1 layer pattern and RoPE base per
+layer type) import with logits equal to 1e-4 in float32, scanned and unrolled, and export back to the
+same logits; config defaults equal transformers' config classes; the
 CodeGemma-7B preset has its published size; greedy decoding through both KV caches equals decoding
 without one, soft-caps included."""
 
@@ -72,7 +73,13 @@ OPTIONS = {
     "gemma": {"head_dim": 32},
     "gemma2": {"head_dim": 32, "num_hidden_layers": 4, "sliding_window": 3, "query_pre_attn_scalar": 24,
                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    # transformers' default 5 sliding layers to 1 global; local and global RoPE bases apart, the global
+    # layer's scaled as Gemma 3 4B-27B's are.
+    "gemma3_text": {"head_dim": 32, "num_hidden_layers": 6, "sliding_window": 3, "query_pre_attn_scalar": 24,
+                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}},
 }
+STACKS = {"gemma": ["dense"], "gemma2": ["dense_sliding-dense_full"], "gemma3_text": ["dense_sliding", "dense_full"]}
 
 
 @pytest.fixture(scope="module")
@@ -101,26 +108,32 @@ def max_diff(model, expected):
     pytest.param("gemma2", False, marks=pytest.mark.slow),
     pytest.param("gemma", True, marks=pytest.mark.slow),
     pytest.param("gemma", False, marks=pytest.mark.slow),
+    pytest.param("gemma3_text", True, marks=pytest.mark.slow),
+    pytest.param("gemma3_text", False, marks=pytest.mark.slow),
 ], ids=lambda v: {True: "scanned", False: "unrolled"}.get(v, v) if isinstance(v, bool) else v)
 def test_import_matches_transformers_logits(saved, model_type, scan_layers):
     directory, expected = saved(model_type)
     model = load_hf_checkpoint(directory, scan_layers=scan_layers)
-    assert list(model.stacks) == (["dense_sliding-dense_full"] if model_type == "gemma2" else ["dense"])
+    assert [name for name, _ in model.ordered_stacks()] == STACKS[model_type]
     assert max_diff(model, expected) < 1e-4
 
 
 @pytest.mark.slow
-def test_each_gemma2_option_changes_the_logits(saved):
+@pytest.mark.parametrize("model_type, options_off", [
+    ("gemma2", [dict(attn_logit_softcap=0.0), dict(logit_softcap=0.0), dict(query_pre_attn_scalar=0),
+                dict(layer_types=()), dict(scale_embeddings=False), dict(norm_scale_offset=0.0)]),
+    ("gemma3_text", [dict(sliding_rope_theta=0.0), dict(rope_scaling={"kind": "none"})]),
+])
+def test_each_gemma_option_changes_the_logits(saved, model_type, options_off):
     """The parity above would hold for an option codelm ignored only if it changed nothing: each, turned
     off on import, moves the logits far more than the tolerance."""
-    directory, expected = saved("gemma2")
-    for off in [dict(attn_logit_softcap=0.0), dict(logit_softcap=0.0), dict(query_pre_attn_scalar=0),
-                dict(layer_types=()), dict(scale_embeddings=False), dict(norm_scale_offset=0.0)]:
+    directory, expected = saved(model_type)
+    for off in options_off:
         assert max_diff(load_hf_checkpoint(directory, **off), expected) > 1e-2, off
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
 def test_export_round_trip_through_transformers(saved, model_type, tmp_path):
     directory, expected = saved(model_type)
     model = load_hf_checkpoint(directory)
@@ -141,7 +154,16 @@ def test_gemma2_config_reads_every_gemma_field(saved):
     assert [cfg.layer_window(i) for i in range(4)] == [3, 0, 3, 0]
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2"])
+@pytest.mark.slow
+def test_gemma3_config_reads_rope_per_layer_type(saved):
+    cfg, family = read_hf_config(saved("gemma3_text")[0])
+    assert family.model_type == "gemma3_text" and cfg.qk_norm and cfg.post_norms
+    assert (cfg.rope_theta, cfg.rope_scaling.kind, cfg.rope_scaling.factor, cfg.sliding_rope_theta) == (1e6, "linear", 8.0, 10.0)
+    assert [cfg.layer_window(i) for i in range(6)] == [3] * 5 + [0]
+    assert (cfg.attn_logit_softcap, cfg.logit_softcap) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
 def test_missing_config_fields_take_transformers_defaults(model_type, tmp_path):
     minimal = {"model_type": model_type, "vocab_size": 96, "hidden_size": 256, "num_hidden_layers": 4,
                "num_attention_heads": 16, "intermediate_size": 96}
