@@ -117,6 +117,12 @@ def _flash_fwd(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
 
 
 def _flash_bwd(tiling: _Tiling, residuals, cotangents):
+    q, k, v = residuals[:3]
+    dq, dk, dv = _gradients(tiling, residuals, cotangents)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+
+
+def _gradients(tiling: _Tiling, residuals, cotangents):
     """FlashAttention-2's backward: per key tile, loop over the query tiles that see it, recomputing
     P = exp(S - lse); dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O) + d_lse), dK += dS^T Q, dQ += dS K
     (d lse / dS = P: the log-sum-exp's own cotangent, nonzero when partial results are merged)."""
@@ -145,11 +151,11 @@ def _flash_bwd(tiling: _Tiling, residuals, cotangents):
 
         init = (dq, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
         dq, dk, dv = jax.lax.fori_loop(*tiling.q_range(j, offset), query_tile, init)
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, (dk, dv)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dq, (dk, dv) = jax.lax.scan(key_tile, dq0, (jnp.arange(tiling.n_kv), k, v, kv_pos, kv_seg))
-    return dq.astype(q.dtype), dk, dv, None, None, None, None, None
+    return dq, dk, dv  # float32
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -176,31 +182,70 @@ def blockwise_attention(
     return blockwise_attention_with_lse(q, k, v, mask, block_q, block_kv)[0]
 
 
+def _query_tiles(x: jax.Array, bq: int, kv_heads: int) -> jax.Array:
+    """[B, T, N, ...] -> [nq, B, K, G, bq, ...] (queries, outputs, log-sum-exps)."""
+    b, t, n = x.shape[:3]
+    tiles = _tiles(x.reshape(b, t, kv_heads, n // kv_heads, *x.shape[3:]), bq, 1)  # [nq, B, bq, K, G, ...]
+    return jnp.moveaxis(tiles, 2, 4)
+
+
+def _untile_queries(tiles: jax.Array, t: int) -> jax.Array:
+    """The inverse of `_query_tiles`: [nq, B, K, G, bq, ...] -> [B, T, N, ...]."""
+    nq, b, kv_heads, group, bq = tiles.shape[:5]
+    x = jnp.moveaxis(jnp.moveaxis(tiles, 4, 2), 0, 1)  # [B, nq, bq, K, G, ...]
+    return x.reshape(b, nq * bq, kv_heads * group, *tiles.shape[5:])[:, :t]
+
+
+def _key_tiles(x: jax.Array, bk: int) -> jax.Array:
+    """[B, S, K, H] -> [nk, B, K, bk, H]."""
+    return jnp.transpose(_tiles(x, bk, 1), (0, 1, 3, 2, 4))
+
+
+def _untile_keys(tiles: jax.Array, s: int) -> jax.Array:
+    """The inverse of `_key_tiles`."""
+    nk, b, kv_heads, bk, h = tiles.shape
+    return jnp.transpose(tiles, (1, 0, 3, 2, 4)).reshape(b, nk * bk, kv_heads, h)[:, :s]
+
+
+def _tiled(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, block_q: int, block_kv: int
+           ) -> tuple[_Tiling, tuple[jax.Array, ...]]:
+    """The call's tiling and `_flash`'s array arguments (q, k, v, positions, segment ids, offset) in tiles."""
+    t, h, s, kv_heads = q.shape[1], q.shape[3], k.shape[1], k.shape[2]
+    bq, bk = min(block_q, t), min(block_kv, s)
+    tiling = _Tiling(bq, bk, -(-t // bq), -(-s // bk), 1.0 / math.sqrt(h), mask.sliding_window, mask.causal,
+                     mask.logit_softcap)
+    return tiling, (
+        _query_tiles(q, bq, kv_heads), _key_tiles(k, bk), _key_tiles(v, bk),
+        _tiles(mask.q_positions, bq, 1), _tiles(mask.kv_positions, bk, 1),
+        _tiles(mask.q_segment_ids, bq, 1, _PAD_Q_SEGMENT), _tiles(mask.kv_segment_ids, bk, 1, _PAD_KV_SEGMENT),
+        jnp.asarray(mask.q_offset, jnp.int32),
+    )
+
+
 def blockwise_attention_with_lse(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV
 ) -> tuple[jax.Array, jax.Array]:
     """`blockwise_attention`'s output [B, T, N, Hv] and each query's log-sum-exp of its visible scores
     [B, T, N] float32 (MASKED where it sees no key), both differentiable: attention over a union of key
     sets is the merge of the parts' (out, lse) (`merge_partial_attention`), as in ring attention."""
-    b, t, n, h = q.shape
-    s, kv_heads, hv = k.shape[1], k.shape[2], v.shape[-1]
-    group = n // kv_heads
-    bq, bk = min(block_q, t), min(block_kv, s)
-    tiling = _Tiling(bq, bk, -(-t // bq), -(-s // bk), 1.0 / math.sqrt(h), mask.sliding_window, mask.causal,
-                     mask.logit_softcap)
-    q_tiles = _tiles(q.reshape(b, t, kv_heads, group, h), bq, 1)  # [nq, B, bq, K, G, H]
-    q_tiles = jnp.transpose(q_tiles, (0, 1, 3, 4, 2, 5))  # [nq, B, K, G, bq, H]
-    k_tiles = jnp.transpose(_tiles(k, bk, 1), (0, 1, 3, 2, 4))  # [nk, B, K, bk, H]
-    v_tiles = jnp.transpose(_tiles(v, bk, 1), (0, 1, 3, 2, 4))
-    out, lse = _flash(
-        tiling, q_tiles, k_tiles, v_tiles,
-        _tiles(mask.q_positions, bq, 1), _tiles(mask.kv_positions, bk, 1),
-        _tiles(mask.q_segment_ids, bq, 1, _PAD_Q_SEGMENT), _tiles(mask.kv_segment_ids, bk, 1, _PAD_KV_SEGMENT),
-        jnp.asarray(mask.q_offset, jnp.int32),
-    )  # [nq, B, K, G, bq, Hv], [nq, B, K, G, bq]
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, tiling.n_q * bq, n, hv)
-    lse = jnp.transpose(lse, (1, 0, 4, 2, 3)).reshape(b, tiling.n_q * bq, n)
-    return out[:, :t], lse[:, :t]
+    tiling, args = _tiled(q, k, v, mask, block_q, block_kv)
+    out, lse = _flash(tiling, *args)  # [nq, B, K, G, bq, Hv], [nq, B, K, G, bq]
+    return _untile_queries(out, q.shape[1]), _untile_queries(lse, q.shape[1])
+
+
+def blockwise_attention_backward(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+    block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv), float32, of attention whose output `out` [B, T, N, Hv] and log-sum-exp `lse` [B, T, N]
+    were taken over a superset of these keys, given d_out: FlashAttention-2's backward over these keys,
+    normalised by the whole softmax (dq sums over key sets; ring attention's backward step)."""
+    tiling, args = _tiled(q, k, v, mask, block_q, block_kv)
+    kv_heads = k.shape[2]
+    residuals = (*args, _query_tiles(out, tiling.block_q, kv_heads), _query_tiles(lse, tiling.block_q, kv_heads))
+    d_out_tiles = _query_tiles(d_out, tiling.block_q, kv_heads)
+    dq, dk, dv = _gradients(tiling, residuals, (d_out_tiles, jnp.zeros(d_out_tiles.shape[:-1], jnp.float32)))
+    return _untile_queries(dq, q.shape[1]), _untile_keys(dk, k.shape[1]), _untile_keys(dv, v.shape[1])
 
 
 def merge_partial_attention(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array

@@ -13,6 +13,8 @@ around a ring of devices instead of gathered.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,6 +28,7 @@ from models.attention.blockwise import (
     BLOCK_KV,
     BLOCK_Q,
     blockwise_attention,
+    blockwise_attention_backward,
     blockwise_attention_with_lse,
     merge_partial_attention,
 )
@@ -110,40 +113,93 @@ def sharded_attention(kernel: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Ar
     return layout.run(local, q, k, v, mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """The static part of a ring: the context axes, their device count C, the mask's static fields
+    (its arrays are replaced per block) and the kernel's tiles."""
+
+    context: tuple[str, ...]
+    shards: int
+    mask: AttentionMask
+    block_q: int
+    block_kv: int
+
+    def block_mask(self, here: jax.Array, step: int, rows: int, q_pos, kv_pos, q_seg, kv_seg) -> AttentionMask:
+        """Step `step`'s block came from device (here - step) mod C: the queries start `offset` rows
+        after its first key (negative: the block lies after them, and the tile bounds skip it)."""
+        offset = jnp.where(here >= step, step * rows, (step - self.shards) * rows)
+        return _local_mask(self.mask, q_pos, kv_pos, q_seg, kv_seg, offset)
+
+    def pass_on(self, arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """Each device's arrays to the next device on the ring."""
+        to_next = [(i, (i + 1) % self.shards) for i in range(self.shards)]
+        return tuple(jax.lax.ppermute(x, self.context, to_next) for x in arrays)
+
+    def forward(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
+        """This device's queries over every block as it passes: (out [B, T/C, N, Hv], lse [B, T/C, N])."""
+        here = jax.lax.axis_index(self.context)
+        out = jnp.zeros((*q.shape[:3], v.shape[-1]), jnp.float32)
+        lse = jnp.full(q.shape[:3], MASKED, jnp.float32)
+        block = (k, v, kv_pos, kv_seg)
+        for step in range(self.shards):
+            k_r, v_r, kv_pos_r, kv_seg_r = block
+            mask = self.block_mask(here, step, q.shape[1], q_pos, kv_pos_r, q_seg, kv_seg_r)
+            part = blockwise_attention_with_lse(q, k_r, v_r, mask, self.block_q, self.block_kv)
+            out, lse = merge_partial_attention(out, lse, *part)
+            if step < self.shards - 1:
+                block = self.pass_on(block)
+        return out.astype(v.dtype), lse
+
+    def backward(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out):
+        """The blocks go round again, each with its dK/dV accumulating on every device it visits (the
+        probabilities are exp(score - lse) with the whole row's lse); after the last step every block's
+        gradients go one more device on, back to the block's owner."""
+        here = jax.lax.axis_index(self.context)
+        dq = jnp.zeros(q.shape, jnp.float32)
+        block = (k, v, kv_pos, kv_seg, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        for step in range(self.shards):
+            k_r, v_r, kv_pos_r, kv_seg_r, dk, dv = block
+            mask = self.block_mask(here, step, q.shape[1], q_pos, kv_pos_r, q_seg, kv_seg_r)
+            dq_r, dk_r, dv_r = blockwise_attention_backward(q, k_r, v_r, mask, out, lse, d_out, self.block_q,
+                                                            self.block_kv)
+            dq, block = dq + dq_r, (k_r, v_r, kv_pos_r, kv_seg_r, dk + dk_r, dv + dv_r)
+            block = self.pass_on(block) if step < self.shards - 1 else block
+        dk, dv = self.pass_on(block[4:])
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(ring: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return ring.forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+
+
+def _ring_fwd(ring: _Ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = ring.forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(ring: _Ring, residuals, d_out):
+    return (*ring.backward(*residuals, d_out), None, None, None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, block_q: int = BLOCK_Q,
                    block_kv: int = BLOCK_KV) -> jax.Array:
     """Blockwise attention with context parallelism by a ring (Liu et al. 2023), else plain blockwise.
 
     Each of the C devices on the context axes keeps its queries and, for C steps, attends to the
     key/value block it holds, then passes that block (with its positions and segment ids) to the next
-    device (`ppermute`) while receiving the previous one's: no device ever holds the whole row's K/V
-    in the forward pass, and each transfer can overlap the next block's compute. Step r on device c
-    sees block c - r (mod C); its queries start (c - src) * T/C rows after the block's keys, the
-    `q_offset` that keeps causal masking and tile skipping exact (blocks wholly after the queries are
-    skipped, so the causal load is as unbalanced as the all-gather's). Partial results merge by their
-    log-sum-exps; the backward pass is JAX's transpose of the loop (ppermutes reversed), and keeps each
-    step's block for it: O(S) per device, as after an all-gather.
+    device (`ppermute`) while receiving the previous one's: no device ever holds more than its own and
+    one passing block, and each transfer can overlap the next block's compute. Partial results merge
+    by their log-sum-exps. Blocks wholly after a device's queries are skipped by the tile bounds, so
+    the causal load is as unbalanced as the all-gather's. The backward pass (a custom VJP) saves only
+    the output and log-sum-exp, and sends the blocks round again with their dK/dV (`_Ring.backward`).
     """
     layout = _layout(q, k, mask)
     if layout is None or not layout.context:
         return blockwise_attention(q, k, v, mask, block_q, block_kv)
-    context, shards = layout.context, layout.shards
-    to_next = [(i, (i + 1) % shards) for i in range(shards)]
-
-    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        here, rows = jax.lax.axis_index(context), q.shape[1]
-        out = jnp.zeros((*q.shape[:3], v.shape[-1]), jnp.float32)
-        lse = jnp.full(q.shape[:3], MASKED, jnp.float32)
-        block = (k, v, kv_pos, kv_seg)
-        for step in range(shards):
-            k_r, v_r, kv_pos_r, kv_seg_r = block
-            # The block came from device (here - step) mod C: the queries' row index minus its first key's.
-            offset = jnp.where(here >= step, step * rows, (step - shards) * rows)
-            part = blockwise_attention_with_lse(q, k_r, v_r, _local_mask(mask, q_pos, kv_pos_r, q_seg, kv_seg_r, offset),
-                                                block_q, block_kv)
-            out, lse = merge_partial_attention(out, lse, *part)
-            if step < shards - 1:
-                block = jax.tree.map(lambda x: jax.lax.ppermute(x, context, to_next), block)
-        return out.astype(v.dtype)
-
-    return layout.run(local, q, k, v, mask)
+    ring = _Ring(layout.context, layout.shards, mask._replace(q_positions=None, kv_positions=None,
+                 q_segment_ids=None, kv_segment_ids=None), block_q, block_kv)
+    return layout.run(functools.partial(_ring, ring), q, k, v, mask)

@@ -18,7 +18,11 @@ from models.attention import (
     reference_attention,
     xla_attention,
 )
-from models.attention.blockwise import blockwise_attention_with_lse, merge_partial_attention
+from models.attention.blockwise import (
+    blockwise_attention_backward,
+    blockwise_attention_with_lse,
+    merge_partial_attention,
+)
 from models.attention.cudnn import cudnn_attention
 from models.attention.cudnn import fits as cudnn_fits
 from models.attention.splash import fits, splash_attention, splash_mask
@@ -125,22 +129,45 @@ def test_blockwise_matches_reference(name):
     assert_matches_reference(kernel, *make_case(**args))
 
 
+HALVES = {0: (0, 20), -20: (20, 40)}  # the queries' row offset from a block's first key: the block's keys
+
+
+def merged_halves(q, k, v, mask):
+    """Attention over the first and the second half of the keys, each with its log-sum-exp, merged;
+    and each half's mask."""
+    def block(offset, lo, hi):
+        return mask._replace(kv_positions=mask.kv_positions[:, lo:hi], kv_segment_ids=mask.kv_segment_ids[:, lo:hi],
+                             q_offset=offset)
+
+    masks = [block(offset, lo, hi) for offset, (lo, hi) in HALVES.items()]
+    parts = [blockwise_attention_with_lse(q, k[:, lo:hi], v[:, lo:hi], m, 8, 8) for m, (lo, hi) in zip(masks, HALVES.values())]
+    return merge_partial_attention(*parts[0], *parts[1]), masks
+
+
 def test_blockwise_parts_merge_to_the_whole():
-    """Attention over the first and the second half of the keys, each with its log-sum-exp (the second
-    with the queries 20 rows before its first key), merges into attention over all keys, values and
-    gradients: one step of ring attention."""
+    """Ring attention's steps on one device: the halves' merged output is attention over all keys, and
+    each half's backward under the merged output and log-sum-exp gives its share of the gradients."""
     q, k, v, mask = make_case(window=9)
-    half = k.shape[1] // 2
+    d_out = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
 
-    def merged(q, k, v, mask):
-        def part(lo, hi, offset):
-            block = mask._replace(kv_positions=mask.kv_positions[:, lo:hi], kv_segment_ids=mask.kv_segment_ids[:, lo:hi],
-                                  q_offset=offset)
-            return blockwise_attention_with_lse(q, k[:, lo:hi], v[:, lo:hi], block, 8, 8)
+    @jax.jit
+    def ring_steps(q, k, v, d_out):
+        (out, lse), masks = merged_halves(q, k, v, mask)
+        grads = [blockwise_attention_backward(q, k[:, lo:hi], v[:, lo:hi], m, out, lse, d_out, 8, 8)
+                 for m, (lo, hi) in zip(masks, HALVES.values())]
+        return out, (grads[0][0] + grads[1][0], *(jnp.concatenate([g[i] for g in grads], axis=1) for i in (1, 2)))
 
-        return merge_partial_attention(*part(0, half, 0), *part(half, k.shape[1], -half))[0]
+    out, grads = ring_steps(q, k, v, d_out)
+    want, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    for g, w in zip(grads, vjp(d_out)):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
 
-    assert_matches_reference(merged, q, k, v, mask)
+
+@pytest.mark.slow
+def test_blockwise_log_sum_exp_is_differentiable():
+    """Gradients through the merge (the log-sum-exps' cotangents) equal the reference's."""
+    assert_matches_reference(lambda q, k, v, mask: merged_halves(q, k, v, mask)[0][0], *make_case(window=9))
 
 
 @pytest.mark.slow
