@@ -5,9 +5,9 @@ on the generated train problems (evals/synthetic.py), held-out pass@1 and pass@1
 
 No download: the problems are generated and a private execution service is started for the run. Sized for
 the 2-core CPU (well under 15 minutes): 16 problems x 8 samples per rollout batch, two updates per batch,
-40 updates on packed rows. The held-out problems use constants the train problems never do, and RL here
-sharpens what SFT memorised rather than teaching the model to copy constants: held-out pass@1 moves within
-its paired standard error (results/rl_generalization/README.md).
+40 updates on packed rows, on the "rl" split: constants that the SFT default never showed, as the
+held-out problems' are. Held-out pass@1 moves within its paired standard error (0.541 -> 0.538): this 5M
+model does not learn to copy constants from RL's rewards (results/rl_generalization/README.md).
 """
 
 from ml_collections import ConfigDict
@@ -19,7 +19,10 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg = rl_base.get_config(arg)
     cfg.rl.init_from = "runs/sft-quickstart"
     cfg.rl.problems = "synthetic"
-    cfg.rl.num_problems = 2000  # the SFT default's train problems
+    # A curriculum: the "rl" split's constants are ones the SFT default never showed (evals/synthetic.py), as
+    # the held-out problems' are, so a reward is earned by reading the docstring, not by recalling SFT data.
+    cfg.rl.synthetic_split = "rl"
+    cfg.rl.num_problems = 1000
     cfg.rl.group_size = 8
     cfg.rl.prompts_per_batch = 16  # with 4 problems a batch's reward is mostly which problems were drawn
     cfg.rl.mini_batches = 2
