@@ -124,7 +124,8 @@ class _Ring:
     block_q: int
     block_kv: int
 
-    def block_mask(self, here: jax.Array, step: int, rows: int, q_pos, kv_pos, q_seg, kv_seg) -> AttentionMask:
+    def block_mask(self, here: jax.Array, step: jax.Array | int, rows: int, q_pos, kv_pos, q_seg, kv_seg
+                   ) -> AttentionMask:
         """Step `step`'s block came from device (here - step) mod C: the queries start `offset` rows
         after its first key (negative: the block lies after them, and the tile bounds skip it)."""
         offset = jnp.where(here >= step, step * rows, (step - self.shards) * rows)
@@ -138,33 +139,41 @@ class _Ring:
     def forward(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
         """This device's queries over every block as it passes: (out [B, T/C, N, Hv], lse [B, T/C, N])."""
         here = jax.lax.axis_index(self.context)
+
+        def attend(step, block, out, lse):
+            k_r, v_r, kv_pos_r, kv_seg_r = block
+            mask = self.block_mask(here, step, q.shape[1], q_pos, kv_pos_r, q_seg, kv_seg_r)
+            return merge_partial_attention(out, lse, *blockwise_attention_with_lse(q, k_r, v_r, mask, self.block_q,
+                                                                                   self.block_kv))
+
+        def next_block(carry, step):  # a scan, not an unrolled loop: one step's buffers live at a time
+            block, out, lse = carry
+            block = self.pass_on(block)
+            return (block, *attend(step, block, out, lse)), None
+
         out = jnp.zeros((*q.shape[:3], v.shape[-1]), jnp.float32)
         lse = jnp.full(q.shape[:3], MASKED, jnp.float32)
         block = (k, v, kv_pos, kv_seg)
-        for step in range(self.shards):
-            k_r, v_r, kv_pos_r, kv_seg_r = block
-            mask = self.block_mask(here, step, q.shape[1], q_pos, kv_pos_r, q_seg, kv_seg_r)
-            part = blockwise_attention_with_lse(q, k_r, v_r, mask, self.block_q, self.block_kv)
-            out, lse = merge_partial_attention(out, lse, *part)
-            if step < self.shards - 1:
-                block = self.pass_on(block)
+        (_, out, lse), _ = jax.lax.scan(next_block, (block, *attend(0, block, out, lse)), jnp.arange(1, self.shards))
         return out.astype(v.dtype), lse
 
     def backward(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out):
         """The blocks go round again, each with its dK/dV accumulating on every device it visits (the
-        probabilities are exp(score - lse) with the whole row's lse); after the last step every block's
-        gradients go one more device on, back to the block's owner."""
+        probabilities are exp(score - lse) with the whole row's lse); the C-th pass brings every block
+        and its gradients back to the block's owner."""
         here = jax.lax.axis_index(self.context)
-        dq = jnp.zeros(q.shape, jnp.float32)
-        block = (k, v, kv_pos, kv_seg, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        for step in range(self.shards):
+
+        def step_back(carry, step):
+            dq, block = carry
             k_r, v_r, kv_pos_r, kv_seg_r, dk, dv = block
             mask = self.block_mask(here, step, q.shape[1], q_pos, kv_pos_r, q_seg, kv_seg_r)
             dq_r, dk_r, dv_r = blockwise_attention_backward(q, k_r, v_r, mask, out, lse, d_out, self.block_q,
                                                             self.block_kv)
-            dq, block = dq + dq_r, (k_r, v_r, kv_pos_r, kv_seg_r, dk + dk_r, dv + dv_r)
-            block = self.pass_on(block) if step < self.shards - 1 else block
-        dk, dv = self.pass_on(block[4:])
+            return (dq + dq_r, self.pass_on((k_r, v_r, kv_pos_r, kv_seg_r, dk + dk_r, dv + dv_r))), None
+
+        block = (k, v, kv_pos, kv_seg, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dq, block), _ = jax.lax.scan(step_back, (jnp.zeros(q.shape, jnp.float32), block), jnp.arange(self.shards))
+        dk, dv = block[4:]
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
