@@ -26,9 +26,11 @@ from tests.models.test_sampler import tiny as sampler_tiny
 
 
 def test_codegemma_7b_has_its_published_size():
-    # google/codegemma-7b model card: 8.54B parameters.
+    # google/codegemma-7b model card: 8.54B parameters; the Gemma report (Gemma Team 2024, table 2) counts
+    # Gemma 7B's non-embedding parameters exactly (its embedding count is of a 256,128-row table).
     cfg = PRESETS["codegemma-7b"]
     assert abs(cfg.param_count() / 1e9 - 8.54) / 8.54 < 0.005
+    assert cfg.param_count(embeddings=False) == 7_751_248_896
     assert infer_family(cfg).model_type == "gemma"
 
 
