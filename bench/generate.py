@@ -237,8 +237,9 @@ def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str)
 
 # ---- profile of the decode step --------------------------------------------------------------------------
 
-PROFILE_CATEGORIES = ("LM head", "attention", "cache reads (window copies)", "cache writes", "matmuls (QKV/O, MLP)",
-                      "layer weight slices", "sampling", "norms/RoPE/residual", "other")
+PROFILE_CATEGORIES = ("LM head", "attention", "cache reads (window copies)", "cache windows (cut / written back per loop)",
+                      "cache writes", "matmuls (QKV/O, MLP)", "layer weight slices", "sampling", "norms/RoPE/residual",
+                      "other")
 _MOVEMENT = {"parameter", "constant", "copy", "transpose", "bitcast", "broadcast", "reshape", "slice", "dynamic-slice",
              "concatenate", "tuple", "get-tuple-element", "pad", "iota", "convert"}
 
@@ -251,6 +252,8 @@ def profile_category(info: dict[str, Any]) -> str:
         return "LM head"
     if any(f in where for f in ("sample_tokens", "first_argmax", "inverse_cdf_sample")):
         return "sampling"
+    if any(f in where for f in ("_layer_windows", "_write_windows")):
+        return "cache windows (cut / written back per loop)"
     if "scatter" in ops or "dynamic-update-slice" in ops:
         return "cache writes"
     if "read" in where and ops <= _MOVEMENT:

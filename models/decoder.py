@@ -258,12 +258,17 @@ class LayerStack(nnx.Module):
         stacked = jax.tree.map(lambda c: jnp.broadcast_to(c, (self.plan.repeats, *c.shape)), one)
         return self._split((stacked,) * self._period)
 
-    def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, window: int) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | tuple[KVCache, ...], window: int
+    ) -> tuple[jax.Array, KVCache | tuple[KVCache, ...]]:
         """The sampling path: x [B, T, D], cache k/v [n, B, K, S, H] -> (x, cache).
 
         Scanned stacks carry the whole cache through the layer scan and each layer writes its slots
         in place (a scatter into the carried buffer), instead of emitting a new stacked cache as scan
         outputs; with the buffer donated to the surrounding program, no step copies the cache.
+        Unrolled stacks also take one KVCache [1, B, K, S, H] per layer (a tuple, returned as one):
+        each layer then reads its own buffer whole, where a layer's window of a stacked buffer is a
+        slice that XLA:CPU copies (the sampler's decode loop; results/sampler_profile).
         """
         period = self._period
         if self.cfg.scan_layers:
@@ -277,10 +282,14 @@ class LayerStack(nnx.Module):
             scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
             x, cache, _ = scan(self._positions(), (x, cache, jnp.zeros((), jnp.int32)))
             return x, cache
+        split = not isinstance(cache, KVCache)
+        caches = list(cache) if split else [cache]
         for i in range(self.plan.repeats):
             for j, position in enumerate(self._positions()):
-                x, cache = position[i].decode(x, positions, cache, i * period + j, window)
-        return x, cache
+                layer = i * period + j
+                at = layer if split else 0
+                x, caches[at] = position[i].decode(x, positions, caches[at], 0 if split else layer, window)
+        return x, tuple(caches) if split else caches[0]
 
 
 class DecoderOutput(NamedTuple):

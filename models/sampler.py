@@ -38,11 +38,14 @@ How it runs (`timing` reports prefill / decode seconds and tokens):
   (`share_prefill=False` prefills every sample separately; the outputs are the same, tested).
 - Continuous batching: decoding runs as one device loop of up to `decode_chunk` steps, which exits
   early once max(1, R / 8) rows have finished while requests are pending; finished rows are read back
-  and refilled with pending requests, so long-tailed response lengths do not leave rows idle.
+  and refilled with pending requests, so long-tailed response lengths do not leave rows idle. Once no
+  request is pending (the drain tail), the live rows move to a batch of half the rows or fewer
+  whenever they fit (`drain_rows`), so finished rows stop costing work.
 - Decode reads only the filled part of the cache: each loop is compiled for an attention window W (a
   bucket {1, 1.5} x 2^k >= the longest active row's position at the end of the chunk) and reads slots
-  [0, W) only. The cache is donated to each program and updated in place: the layer scan carries it
-  and every layer scatters its new slots into it (no per-step copies). No host round trips per token.
+  [0, W) only. The cache is donated to each program; the loop carries one buffer per layer holding
+  slots [0, W) (cut once per loop, written back after it), and every step scatters its new slots into
+  those buffers and reads them in place (no per-step copies). No host round trips per token.
 - Compiled programs depend on the model structure, the buckets (R, P, budget, prefill batch, window)
   and the static sampling mode (greedy, top-k, whether top-p, logprobs_top_k); temperature, top-p,
   max_new_tokens within a budget bucket, EOS ids and seeds are runtime values.
@@ -262,10 +265,36 @@ def sample_tokens(
 # ---- compiled programs ---------------------------------------------------------------------------------
 
 
-def _constrain_cache(cache: dict[str, KVCache]) -> dict[str, KVCache]:
+def _constrain_kv(cache: KVCache) -> KVCache:
     """Rows over the data axes, KV heads over tensor (no-op outside a sharding context)."""
     axes = ("layers", "batch", "activation_kv_heads", None, None)
-    return {name: KVCache(constrain(c.k, axes), constrain(c.v, axes)) for name, c in cache.items()}
+    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
+
+
+def _constrain_cache(cache: dict[str, KVCache]) -> dict[str, KVCache]:
+    return {name: _constrain_kv(c) for name, c in cache.items()}
+
+
+def _layer_windows(cache: dict[str, KVCache], window: int) -> dict[str, tuple[KVCache, ...]]:
+    """Each stack's cache [L, B, K, S, H] -> one KVCache [1, B, K, window, H] per layer: its slots
+    [0, window), the buffers a decode loop carries (`LayerStack.decode`). Copied once per loop: a
+    layer's window read from the stacked buffer at every step is a copy on XLA:CPU."""
+    return {name: tuple(_constrain_kv(KVCache(c.k[i : i + 1, :, :, :window], c.v[i : i + 1, :, :, :window]))
+                        for i in range(c.k.shape[0]))
+            for name, c in cache.items()}
+
+
+def _write_windows(cache: dict[str, KVCache], layers: dict[str, tuple[KVCache, ...]]) -> dict[str, KVCache]:
+    """`_layer_windows`' inverse: the per-layer windows written back into slots [0, window) of the
+    stacked cache (in place when the cache is donated)."""
+    out = {}
+    for name, c in cache.items():
+        k, v = c
+        for i, layer in enumerate(layers[name]):
+            k = jax.lax.dynamic_update_slice(k, layer.k, (i, 0, 0, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, layer.v, (i, 0, 0, 0, 0))
+        out[name] = KVCache(k, v)
+    return _constrain_cache(out)
 
 
 @functools.cache
@@ -419,30 +448,32 @@ def _decode(
     every unfinished row's position must stay below `window` for `max_steps` steps.
 
     The loop runs the model with its layers unrolled (`unrolled`), the per-layer weights cut from the
-    stacked ones once, before the loop. The parameters ride in the loop carry unchanged: NNX modules
-    must be built from values of the trace they run in, and XLA passes loop-invariant carries through
+    stacked ones once, before the loop, and carries one cache buffer per layer holding slots [0,
+    window) only (`_layer_windows`, written back after the loop): each step reads and writes every
+    layer's buffer in place. The parameters ride in the loop carry unchanged: NNX modules must be
+    built from values of the trace they run in, and XLA passes loop-invariant carries through
     without copies.
     """
     graphdef, params = unrolled(graphdef, params)
     params = jax.lax.optimization_barrier(params)  # else XLA sinks the cuts back into the loop body
     rows, budget = state.tokens.shape
-    cache_len = next(iter(state.cache.values())).k.shape[3]
+    cache, state = state.cache, state._replace(cache={})
+    Loop = tuple[nnx.State, DecodeState, dict[str, tuple[KVCache, ...]], jax.Array]
 
-    def keep_going(loop: tuple[nnx.State, DecodeState, jax.Array]) -> jax.Array:
-        _, s, i = loop
+    def keep_going(loop: Loop) -> jax.Array:
+        _, s, _, i = loop
         return (i < max_steps) & (jnp.sum(s.done) < done_target)
 
-    def one_token(loop: tuple[nnx.State, DecodeState, jax.Array]) -> tuple[nnx.State, DecodeState, jax.Array]:
-        params, s, i = loop
+    def one_token(loop: Loop) -> Loop:
+        params, s, layers, i = loop
         model = nnx.merge(graphdef, params)
         active = ~s.done
-        slot = jnp.where(active, s.position, cache_len)  # finished rows write nothing
-        hidden, cache = model.decode(s.last_token[:, None], slot[:, None], s.cache, window)
+        slot = jnp.where(active, s.position, window)  # finished rows write nothing (slots >= window are dropped)
+        hidden, layers = model.decode(s.last_token[:, None], slot[:, None], layers, window)
         token, logp, top_ids, top_logp = sample_tokens(model.logits(hidden)[:, 0], s.keys, s.steps, temperature, top_p, mode)
         row, at = jnp.arange(rows), jnp.where(active, s.steps, budget)
         steps = s.steps + active
         return params, s._replace(
-            cache=cache,
             tokens=s.tokens.at[row, at].set(token, mode="drop"),
             logprobs=s.logprobs.at[row, at].set(logp, mode="drop"),
             top_ids=s.top_ids.at[row, at].set(top_ids, mode="drop"),
@@ -452,10 +483,26 @@ def _decode(
             position=s.position + active,
             done=s.done | (active & (eos_mask[token] | (steps >= max_new))),
             iterations=s.iterations + 1,
-        ), i + 1
+        ), layers, i + 1
 
     with placement.context():
-        return jax.lax.while_loop(keep_going, one_token, (params, state, jnp.zeros((), jnp.int32)))[1]
+        loop = (params, state, _layer_windows(cache, window), jnp.zeros((), jnp.int32))
+        _, state, layers, _ = jax.lax.while_loop(keep_going, one_token, loop)
+        return state._replace(cache=_write_windows(cache, layers))
+
+
+@functools.partial(jax.jit, static_argnames=("placement",))
+def _take_rows(state: DecodeState, rows: jax.Array, valid: jax.Array, *, placement: Placement) -> DecodeState:
+    """The state of R' rows whose row i is row rows[i] of `state` (of R rows), empty and done where
+    valid[i] is False."""
+    with placement.context():
+        def take(x: jax.Array) -> jax.Array:
+            return constrain(x[rows], ("batch",) + (None,) * (x.ndim - 1))
+
+        per_row = {field: take(getattr(state, field)) for field in DecodeState._fields if field not in ("cache", "iterations")}
+        per_row["done"] = per_row["done"] | ~valid
+        cache = {name: KVCache(c.k[:, rows], c.v[:, rows]) for name, c in state.cache.items()}
+        return DecodeState(cache=_constrain_cache(cache), iterations=state.iterations, **per_row)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "placement"))
@@ -508,6 +555,8 @@ class Sampler:
     max_rows: rows decoded at once (requests beyond it wait for finished rows: continuous batching).
     decode_chunk: most decode steps per device loop (between refills and window changes).
     share_prefill: prefill a prompt once for all its samples (False: once per sample).
+    drain_rows: the drain tail (no request pending) moves the live rows to a batch of half the rows
+      or fewer whenever they fit, down to this many rows (0: never), so finished rows stop costing.
     """
 
     def __init__(
@@ -525,6 +574,7 @@ class Sampler:
         max_rows: int = 256,
         decode_chunk: int = 32,
         share_prefill: bool = True,
+        drain_rows: int = 16,
     ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
@@ -535,6 +585,7 @@ class Sampler:
         self.cache_dtype = cache_dtype or model.cfg.dtype
         self.min_bucket, self.stop_check_interval = min_bucket, stop_check_interval
         self.max_rows, self.decode_chunk, self.share_prefill = max_rows, decode_chunk, share_prefill
+        self.drain_rows = drain_rows
         bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else None
         self.add_bos = (getattr(tokenizer, "add_bos", bos is not None) if add_bos is None else add_bos) and bos is not None
         self.eos_ids: tuple[int, ...] = ()
@@ -766,7 +817,7 @@ class _Run:
         self.scalars = scalars
         self.cache_len = prompt_len + budget
         self.timing = dict(prefill_seconds=0.0, decode_seconds=0.0, prompt_tokens=0.0, generated_tokens=0.0,
-                           decode_steps=0.0, rows=float(rows))
+                           decode_steps=0.0, rows=float(rows), row_steps=0.0, shrinks=0.0)
 
     def loop(self) -> list[_Result]:
         s = self.s
@@ -790,10 +841,15 @@ class _Run:
             start = time.perf_counter()
             busy = [row for row, r in enumerate(row_request) if r >= 0]
             window = window_bucket(int(row_position[busy].max()) + chunk, s.min_bucket, self.cache_len)
-            target = self.rows if not pending else min(self.rows, self.rows - len(busy) + max(1, self.rows // 8))
+            if pending:  # refill once an eighth of the rows are free
+                target = min(self.rows, self.rows - len(busy) + max(1, self.rows // 8))
+            else:  # the drain tail: shrink the batch once half of it is free, if it can shrink
+                target = self.rows - self.rows // 2 if self._drain_rows(self.rows // 2) < self.rows else self.rows
             state = _decode(s.graphdef, self.params, state, jnp.int32(chunk), jnp.int32(target), **self.scalars,
                             mode=self.mode, window=window, placement=s.placement)
-            done, steps = jax.device_get((state.done, state.steps))
+            done, steps, iterations = jax.device_get((state.done, state.steps, state.iterations))
+            self.timing["row_steps"] += float(self.rows * (iterations - self.timing["decode_steps"]))
+            self.timing["decode_steps"] = float(iterations)
             self.timing["decode_seconds"] += time.perf_counter() - start
             for row in busy:
                 row_position[row] = len(self.prompts[self.requests[row_request[row]].prompt]) + steps[row]
@@ -811,9 +867,34 @@ class _Run:
                     results[row_request[row]] = _Result(tokens[row, :n], logprobs[row, :n], top_ids[row, :n],
                                                         top_logprobs[row, :n])
                     row_request[row] = -1
-        self.timing["decode_steps"] = float(jax.device_get(state.iterations))
+            live = [row for row, r in enumerate(row_request) if r >= 0]
+            if not pending and live and self._drain_rows(len(live)) < self.rows:
+                state, row_request, row_position = self._shrink(state, live, row_request, row_position)
         self.timing["generated_tokens"] = float(sum(len(r.tokens) for r in results if r is not None))
         return [r for r in results if r is not None]
+
+    def _drain_rows(self, live: int) -> int:
+        """The rows to decode `live` rows with once no request is pending: a bucket of at most half the
+        current rows that holds them (at least `drain_rows`), else the current rows."""
+        s = self.s
+        rows = s._rows(max(live, s.drain_rows), self.rows)
+        return rows if s.drain_rows and rows <= self.rows // 2 else self.rows
+
+    def _shrink(
+        self, state: DecodeState, live: list[int], row_request: list[int], row_position: np.ndarray
+    ) -> tuple[DecodeState, list[int], np.ndarray]:
+        """Moves the `live` rows to the first rows of a smaller batch (`_drain_rows`)."""
+        start = time.perf_counter()
+        rows = self._drain_rows(len(live))
+        take = np.zeros((rows,), np.int32)
+        take[: len(live)] = live
+        valid = np.arange(rows) < len(live)
+        state = _take_rows(state, self.s._put(take, ("batch",)), self.s._put(valid, ("batch",)), placement=self.s.placement)
+        self.rows = rows
+        jax.block_until_ready(state.done)
+        self.timing["shrinks"] += 1
+        self.timing["decode_seconds"] += time.perf_counter() - start
+        return state, [row_request[row] for row in live] + [-1] * (rows - len(live)), row_position[take]
 
     def _insert(self, state: DecodeState, assignments: list[tuple[int, int]]) -> DecodeState:
         """Prefills the prompts of `assignments` (row, request) once each (or once per request without

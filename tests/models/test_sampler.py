@@ -226,8 +226,9 @@ def test_greedy_with_groups_refills_and_windows_equals_decoding_without_cache(na
 
 
 def long_tailed(model):
-    """A sampler and EOS ids under which sampled lengths vary from 1 to 24 tokens."""
-    return Sampler(model, max_rows=4, decode_chunk=4), dict(max_new_tokens=24, temperature=1.0, stop_token_ids=[3, 50, 77])
+    """A sampler (whose drain tail shrinks its 4 rows down to 1) and EOS ids under which sampled
+    lengths vary from 1 to 24 tokens."""
+    return Sampler(model, max_rows=4, decode_chunk=4, drain_rows=1), dict(max_new_tokens=24, temperature=1.0, stop_token_ids=[3, 50, 77])
 
 
 def test_shared_prefill_group_samples_equal_independently_prefilled_ones(model):
@@ -246,6 +247,7 @@ def test_continuous_batching_keeps_each_prompts_samples_independent_of_the_batch
     target = [9, 8, 7, 6, 5]
     alone = Sampler(model, max_rows=16).generate([target], n=3, seed=[42], **kwargs)
     crowded = sampler.generate([PROMPTS[0], target, *PROMPTS[1:], PROMPTS[0]], n=3, seed=[1, 42, 2, 3, 4], **kwargs)
+    assert crowded.timing["shrinks"] >= 1 and alone.timing["shrinks"] == 0
     rows = [i for i, g in enumerate(crowded.prompt_index) if g == 1]
     assert [crowded.tokens[i] for i in rows] == alone.tokens
     assert len({tuple(t) for t in alone.tokens}) == 3  # the samples of a prompt differ from each other
