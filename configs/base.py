@@ -21,18 +21,20 @@ MODEL_FIELDS = {
     "max_seq_len": int, "init_std": float, "dtype": str, "param_dtype": str, "scan_layers": bool, "remat": str,
     "attention_impl": str, "layer_types": str, "global_every": int, "cross_entropy_chunk": int,
     "query_pre_attn_scalar": int, "attn_logit_softcap": float, "scale_embeddings": bool, "post_norms": bool,
-    "norm_scale_offset": float, "sliding_rope_theta": float,
+    "norm_scale_offset": float, "sliding_rope_theta": float, "attention_sinks": bool, "swiglu_limit": float,
     "mtp_depth": int, "mtp_loss_weight": float,
 }
 ROPE_SCALING_FIELDS = {
     "kind": str, "factor": float, "original_max_position": int, "low_freq_factor": float,
     "high_freq_factor": float, "beta_fast": float, "beta_slow": float, "attention_factor": float,
+    "truncate": bool,
 }
 MOE_FIELDS = {
     "num_experts": int, "experts_per_token": int, "expert_d_ff": int, "num_shared_experts": int,
     "first_dense_layers": int, "router": str, "normalize_top_k": bool, "routed_scaling": float, "impl": str,
     "grouped_matmul": str, "capacity_factor": float, "aux_loss_coef": float, "router_z_loss_coef": float,
     "bias_update_rate": float, "sparse_step": int, "num_groups": int, "topk_groups": int,
+    "router_bias": bool, "expert_bias": bool,
 }
 # Multi-head latent attention (models/mla.py): off unless a field is set (or the preset has it).
 MLA_FIELDS = {

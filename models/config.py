@@ -15,10 +15,11 @@ from typing import Any
 from configs.schema import ConfigError, unknown_field
 
 NORMS = ("rms", "layer")
-MLPS = ("swiglu", "geglu", "gelu")
-GATED_MLPS = ("swiglu", "geglu")  # down(act(gate x) * up x): three matrices
+MLPS = ("swiglu", "geglu", "gelu", "clamped_swiglu")
+GATED_MLPS = ("swiglu", "geglu", "clamped_swiglu")  # down(act(gate x, up x)): three matrices
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 ATTENTION_IMPLS = ("xla", "chunked", "blockwise", "cudnn", "splash")  # kernels: models/attention
+SINK_ATTENTION_IMPLS = ("xla", "chunked", "blockwise")  # the kernels that take attention sinks
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax", "sigmoid")
@@ -56,6 +57,7 @@ class RopeScaling:
     # yarn: the cos/sin scale; 0: 0.1 * ln(factor) + 1. DeepSeek's mscale / mscale_all_dim set it (to 1
     # for every release); read by multi-head latent attention only (models/mla.py).
     attention_factor: float = 0.0
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions (gpt-oss: false)
 
     def validate(self, prefix: str = "rope_scaling") -> None:
         _check_choice(self.kind, f"{prefix}.kind", ROPE_SCALINGS)
@@ -72,6 +74,8 @@ class MoEConfig:
     Qwen3-MoE, OLMoE, DeepSeekMoE); router="sigmoid": scores = sigmoid(logits) (DeepSeek-V3). The
     top `experts_per_token` experts by scores + selection bias are chosen; their combine weights are
     the chosen scores, divided by their sum when `normalize_top_k`, times `routed_scaling`.
+    `expert_bias` gives the routed experts' projections biases; `router_bias` adds a learned [E] bias to the logits (gpt-oss: softmax router, normalize_top_k,
+    i.e. softmax over the chosen experts' logits).
     Execution (`impl`): "dropless" sorts tokens by expert and runs grouped matmuls with the
     `grouped_matmul` kernel ("auto": XLA's ragged_dot on TPU, the tiled kernel elsewhere; see
     models/moe.py); "capacity" gives every expert capacity_factor * tokens * top_k / experts slots
@@ -97,6 +101,8 @@ class MoEConfig:
     sparse_step: int = 1  # after the dense prefix, layer i is MoE iff (i + 1) % sparse_step == 0 (Qwen-MoE)
     num_groups: int = 1  # group-limited routing: experts in `num_groups` groups, tokens pick from
     topk_groups: int = 1  # the best `topk_groups` of them (DeepSeek-V2 / V3); 1 group: plain top-k
+    router_bias: bool = False  # a learned bias added to the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' projections (gpt-oss)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers and (layer + 1) % self.sparse_step == 0
@@ -226,7 +232,8 @@ class ModelConfig:
 
     The fields cover Llama (DeepSeek-Coder, CodeLlama), Qwen2/2.5, Qwen3, Mistral, StarCoder2 and
     Gemma 1-3: norm type, QKV / projection biases, QK-norm, sliding windows, SwiGLU, GeGLU or
-    GELU MLPs, tied embeddings, Gemma's scaled embeddings, post-norms and soft-capping.
+    GELU MLPs, tied embeddings, Gemma's scaled embeddings, post-norms and soft-capping; with `moe`,
+    `mla`, attention sinks and the clamped SwiGLU, the DeepSeek and gpt-oss MoE models.
     """
 
     name: str = "custom"
@@ -265,6 +272,11 @@ class ModelConfig:
     post_norms: bool = False
     norm_scale_offset: float = 0.0
     sliding_rope_theta: float = 0.0
+    # gpt-oss: a learned logit per head that joins every query's softmax denominator and adds no value
+    # (an "attention sink", Xiao et al. 2023; models/attention/mask.py); experts whose MLP is
+    # mlp="clamped_swiglu": (clip(up, +-limit) + 1) * g * sigmoid(1.702 g), g = min(gate, limit).
+    attention_sinks: bool = False
+    swiglu_limit: float = 7.0  # clamped_swiglu's clamp
     max_seq_len: int = 4096
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype
@@ -326,7 +338,16 @@ class ModelConfig:
         _check(self.query_pre_attn_scalar >= 0, "query_pre_attn_scalar", "must be >= 0 (0: head_dim)")
         _check(self.norm == "rms" or not self.norm_scale_offset, "norm_scale_offset", "applies to RMSNorm only")
         _check(self.sliding_rope_theta >= 0, "sliding_rope_theta", "must be >= 0 (0: rope_theta)")
-        _check(self.moe is None or self.mlp != "geglu", "mlp", "MoE experts are swiglu or gelu")
+        _check(self.moe is None or self.mlp != "geglu", "mlp", "MoE experts are swiglu, clamped_swiglu or gelu")
+        _check(self.swiglu_limit > 0, "swiglu_limit", f"must be > 0, got {self.swiglu_limit}")
+        if self.mlp == "clamped_swiglu":  # gpt-oss's expert activation; its models have no dense MLP
+            _check(self.moe is not None and self.n_moe_layers == self.n_layers and not self.moe.num_shared_experts,
+                   "mlp", "clamped_swiglu is an expert activation: it needs moe on every layer and no shared experts")
+        if self.attention_sinks:
+            _check(self.attention_impl in SINK_ATTENTION_IMPLS, "attention_impl",
+                   f"attention_sinks needs a kernel that takes them ({', '.join(SINK_ATTENTION_IMPLS)}), "
+                   f"got {self.attention_impl!r}")
+            _check(self.mla is None, "attention_sinks", "multi-head latent attention has no sinks")
         self.rope_scaling.validate()
         if self.layer_types:
             _check(len(self.layer_types) == self.n_layers, "layer_types",
@@ -396,7 +417,8 @@ class ModelConfig:
         weights = d * q + 2 * d * kv + q * d
         biases = (q + 2 * kv if self.qkv_bias else 0) + (d if self.out_bias else 0)
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        return weights + biases + qk_norm
+        sinks = self.n_heads if self.attention_sinks else 0
+        return weights + biases + qk_norm + sinks
 
     def _mla_params(self) -> int:
         assert self.mla is not None
@@ -409,11 +431,11 @@ class ModelConfig:
         up = m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
         return query + latent + up + n * m.v_head_dim * d
 
-    def _mlp_params(self, d_ff: int) -> int:
-        d = self.d_model
+    def _mlp_params(self, d_ff: int, bias: bool | None = None) -> int:
+        d, bias = self.d_model, self.mlp_bias if bias is None else bias
         if self.mlp in GATED_MLPS:
-            return 3 * d * d_ff + (2 * d_ff + d if self.mlp_bias else 0)
-        return 2 * d * d_ff + (d_ff + d if self.mlp_bias else 0)
+            return 3 * d * d_ff + (2 * d_ff + d if bias else 0)
+        return 2 * d * d_ff + (d_ff + d if bias else 0)
 
     def _norm_params(self) -> int:
         return self.d_model * (2 if self.norm == "layer" else 1)
@@ -426,8 +448,9 @@ class ModelConfig:
         assert self.moe is not None
         m = self.moe
         experts = m.experts_per_token if active else m.num_experts
-        router = self.d_model * m.num_experts
-        return router + (experts + m.num_shared_experts) * self._mlp_params(self._expert_d_ff())
+        router = (self.d_model + m.router_bias) * m.num_experts
+        f = self._expert_d_ff()
+        return router + experts * self._mlp_params(f, m.expert_bias) + m.num_shared_experts * self._mlp_params(f)
 
     def param_count(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Number of parameters, computed from the shapes the decoder builds.
@@ -679,6 +702,24 @@ def _gemma_presets() -> dict[str, ModelConfig]:
 
 
 PRESETS.update(_gemma_presets())
+
+
+def _gpt_oss_presets() -> dict[str, ModelConfig]:
+    """openai/gpt-oss-20b (its Hugging Face config.json: 32 experts, top-4, on all 24 layers; sliding
+    (128) and full layers alternating, the first sliding; YaRN x32 over a 4K pretraining context,
+    unrounded ramp) and the `tiny` trunk with gpt-oss's layers (8 experts, top-2, window 128)."""
+    gpt_oss = dict(mlp="clamped_swiglu", qkv_bias=True, out_bias=True, attention_sinks=True,
+                   sliding_window=128, global_every=2, rope_theta=150000.0, norm_eps=1e-5)
+    yarn = RopeScaling(kind="yarn", factor=32.0, original_max_position=4096, truncate=False)
+    real = ModelConfig(name="gpt-oss-20b", vocab_size=201088, d_model=2880, n_layers=24, n_heads=64, n_kv_heads=8,
+                       head_dim=64, d_ff=2880, rope_scaling=yarn, max_seq_len=131072, **gpt_oss,
+                       moe=MoEConfig(num_experts=32, experts_per_token=4, router_bias=True, expert_bias=True))
+    tiny = PRESETS["tiny"].replace(name="gpt-oss-tiny", d_ff=256, tie_embeddings=False, **gpt_oss,
+                                   moe=MoEConfig(num_experts=8, experts_per_token=2, router_bias=True, expert_bias=True))
+    return {p.name: p for p in (real, tiny)}
+
+
+PRESETS.update(_gpt_oss_presets())
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

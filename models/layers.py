@@ -26,6 +26,7 @@ from models.attention import (  # noqa: F401  (the attention seam, re-exported w
     register_attention_kernel,
     soft_cap,
 )
+from models.attention.mask import grouped_sinks, softmax_with_sinks
 from models.config import GATED_MLPS, ModelConfig, RopeScaling
 from models.lora import with_adapter
 from models.sharding import LogicalAxes, constrain
@@ -102,7 +103,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
     linear: frequencies / factor (equivalently positions / factor). llama3: low frequencies divided by
     `factor`, high ones kept, a smooth blend between (Llama 3.1). yarn: NTK-by-parts interpolation
     between extrapolated and interpolated frequencies with a ramp over [beta_slow, beta_fast]
-    rotations, and cos/sin scaled by 0.1 * ln(factor) + 1 (Peng et al. 2023, eq. 15-20).
+    rotations (whole dimensions unless `truncate` is off), and cos/sin scaled by 0.1 * ln(factor) + 1
+    (Peng et al. 2023, eq. 15-20).
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
     inv_freq = 1.0 / (theta**exponents)
@@ -127,8 +129,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
         def correction_dim(rotations: float) -> float:
             return head_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / max(high - low, 1e-3), 0, 1)
         extrapolation_weight = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
@@ -193,11 +197,13 @@ class KVCache(NamedTuple):
         return cls(kv, kv)
 
 
-def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_softcap: float = 0.0) -> jax.Array:
+def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_softcap: float = 0.0,
+                   sinks: jax.Array | None = None) -> jax.Array:
     """Attention over cache slots: q [B, T, N, H], k/v [B, K, W, H], mask [B, T, W] -> [B, T, N, H].
 
     Query head j*G + g uses KV head j (G = N / K), as the kernels do. Scores and softmax are float32;
-    scaled scores are soft-capped at cap * tanh(score / cap) when `logit_softcap` (static) is set.
+    scaled scores are soft-capped at cap * tanh(score / cap) when `logit_softcap` (static) is set;
+    `sinks` [N] join each head's softmax denominator (`models.attention.mask.AttentionMask.sinks`).
     A decode step (T = 1) runs each of the G query heads of a KV head as its own matrix-vector
     product: XLA lowers those to fused multiply-reduce loops, where the batched [G, W] x [W, H]
     products of the general form run ~2.5x slower on CPU at a decode batch (results/sampler_profile).
@@ -205,19 +211,21 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, lo
     b, t, n, h = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    sink = None if sinks is None else grouped_sinks(sinks, kv_heads)  # [K, G]
 
-    def softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    def softmax(scores: jax.Array, mask: jax.Array, sink: jax.Array | None) -> jax.Array:
         scores = soft_cap(scores / math.sqrt(h), logit_softcap)
-        return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+        return softmax_with_sinks(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), sink).astype(v.dtype)
 
     if t == 1:
         heads = []
         for g in range(n // kv_heads):
             scores = jnp.einsum("bkh,bksh->bks", grouped[:, 0, :, g], k, preferred_element_type=jnp.float32)
-            heads.append(jnp.einsum("bks,bksh->bkh", softmax(scores, mask[:, :1]), v))
+            probs = softmax(scores, mask[:, :1], None if sink is None else sink[:, g, None])
+            heads.append(jnp.einsum("bks,bksh->bkh", probs, v))
         return jnp.stack(heads, axis=2).reshape(b, 1, n, h)
     scores = jnp.einsum("btkgh,bksh->bkgts", grouped, k, preferred_element_type=jnp.float32)
-    probs = softmax(scores, mask[:, None, None])
+    probs = softmax(scores, mask[:, None, None], None if sink is None else sink[:, :, None, None])
     return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
 
 
@@ -228,6 +236,7 @@ class Attention(nnx.Module):
     model's layers can differ (`ModelConfig.layer_window`). Scores are q.k / sqrt(head_dim), or
     / sqrt(cfg.query_pre_attn_scalar) (Gemma), soft-capped when cfg.attn_logit_softcap is set. RoPE has
     base cfg.rope_theta and cfg.rope_scaling, or in sliding-window layers cfg.sliding_rope_theta when set.
+    With cfg.attention_sinks, a learned logit per head [N] joins every softmax denominator (gpt-oss).
     """
 
     LORA_WEIGHTS = {"q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2)}  # models/lora.py
@@ -252,6 +261,11 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs, offset=cfg.norm_scale_offset)
             self.k_norm = RMSNorm(h, cfg.norm_eps, param_dtype=pdt, rngs=rngs, offset=cfg.norm_scale_offset)
+        if cfg.attention_sinks:
+            self.sinks = param(rngs, zeros, (n,), ("heads",), pdt)
+
+    def _sinks(self) -> jax.Array | None:
+        return self.sinks[...] if self.cfg.attention_sinks else None
 
     def _project(self, x: jax.Array, name: str, axes: LogicalAxes) -> jax.Array:
         dtype = x.dtype
@@ -303,10 +317,10 @@ class Attention(nnx.Module):
             cache = cache.append(k, v, positions, segment_ids)
             k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
             mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, window,
-                                 logit_softcap=self.cfg.attn_logit_softcap)
+                                 logit_softcap=self.cfg.attn_logit_softcap, sinks=self._sinks())
         else:  # the row attends to itself, in order
             mask = AttentionMask(positions, positions, segment_ids, segment_ids, window, causal=True,
-                                 logit_softcap=self.cfg.attn_logit_softcap)
+                                 logit_softcap=self.cfg.attn_logit_softcap, sinks=self._sinks())
         return self._attend_and_project(q, k, v, mask, x.dtype), cache
 
     def decode(
@@ -338,7 +352,7 @@ class Attention(nnx.Module):
         mask = slots <= positions[:, :, None]  # [B, T, W]
         if self.window:
             mask &= positions[:, :, None] - slots < self.window
-        out = slot_attention(q, read(write_k), read(write_v), mask, self.cfg.attn_logit_softcap)
+        out = slot_attention(q, read(write_k), read(write_v), mask, self.cfg.attn_logit_softcap, self._sinks())
         return self._output(out, x.dtype), KVCache(write_k, write_v)
 
 

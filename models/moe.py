@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from models import sharding
 from models.config import ConfigError, ModelConfig, MoEConfig
-from models.layers import MLP, dtype_of, normal, param
+from models.layers import MLP, dtype_of, normal, param, zeros
 
 Aux = dict[str, jax.Array]
 
@@ -182,18 +182,23 @@ def route(logits: jax.Array, selection_bias: jax.Array, moe: MoEConfig) -> Routi
 
 
 class Router(nnx.Module):
-    """logits = x @ kernel in float32, then `route`. The kernel is [D, E]; the bias [E] is a RouterBias."""
+    """logits = x @ kernel (+ logit_bias with `moe.router_bias`) in float32, then `route`. The kernel is
+    [D, E], logit_bias [E] a learned Param; the bias [E] is the selection-only RouterBias."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         assert cfg.moe is not None
         self.moe = cfg.moe
         num_experts = cfg.moe.num_experts
-        self.kernel = param(rngs, normal(cfg.init_std), (cfg.d_model, num_experts), ("embed", None), dtype_of(cfg.param_dtype))
+        pdt = dtype_of(cfg.param_dtype)
+        self.kernel = param(rngs, normal(cfg.init_std), (cfg.d_model, num_experts), ("embed", None), pdt)
+        self.logit_bias = param(rngs, zeros, (num_experts,), (None,), pdt) if cfg.moe.router_bias else None
         self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> Routing:
         """x [..., D] -> Routing over the leading dimensions."""
         logits = jnp.einsum("...d,de->...e", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias[...].astype(jnp.float32)
         return route(logits, self.bias[...], self.moe)
 
     def update_bias(self, expert_load: jax.Array, rate: float) -> None:
@@ -250,17 +255,44 @@ class ExpertLoRA(NamedTuple):
 
 
 class ExpertWeights(NamedTuple):
-    """Stacked expert weights in compute dtype: gate/up [G, D, F] (gate None for GELU), down [G, F, D];
-    lora: their LoRA adapters (None without)."""
+    """Stacked expert weights in compute dtype: gate/up [G, D, F] (gate None for GELU; for the clamped
+    SwiGLU, gate None and up [G, D, 2F], see `clamped_swiglu`), down [G, F, D]; lora: their LoRA
+    adapters (None without); gate_bias/up_bias [G, F] (or [G, 2F]): biases of the input projections
+    (None without; the output bias is added after the combine, `expert_output_bias`)."""
 
     gate: jax.Array | None
     up: jax.Array
     down: jax.Array
     lora: ExpertLoRA | None = None
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+
+
+Activation = Callable[[jax.Array | None, jax.Array], jax.Array]
+"""(gate projection or None, up projection) -> hidden [..., F]: the experts' MLP nonlinearity."""
+
+CLAMPED_SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid gain (x * sigmoid(1.702 x) approximates GELU)
 
 
 def _hidden(gate: jax.Array | None, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up if gate is not None else jax.nn.gelu(up, approximate=True)
+
+
+def clamped_swiglu(gate: None, gate_up: jax.Array, limit: float) -> jax.Array:
+    """gpt-oss's expert activation: gate_up [..., 2F] holds (gate, up) pairs interleaved on the last
+    axis (HF's `gate_up_proj`; a split of F over devices keeps pairs together) -> [..., F] =
+    (clip(up, -limit, limit) + 1) * g * sigmoid(1.702 g) with g = min(gate, limit)."""
+    del gate
+    g = jnp.minimum(gate_up[..., ::2], limit)
+    up = jnp.clip(gate_up[..., 1::2], -limit, limit)
+    return (up + 1) * g * jax.nn.sigmoid(CLAMPED_SWIGLU_ALPHA * g)
+
+
+def expert_activation(mlp: str, swiglu_limit: float) -> Activation:
+    """The experts' nonlinearity for ModelConfig.mlp (and swiglu_limit)."""
+    if mlp == "clamped_swiglu":
+        return functools.partial(clamped_swiglu, limit=swiglu_limit)
+    return _hidden
 
 
 def _adapter(w: ExpertWeights, name: str) -> ProjectionLoRA | None:
@@ -275,22 +307,30 @@ def _adapter_input(x: jax.Array, p: ProjectionLoRA) -> jax.Array:
     return jnp.where(keep, x / (1.0 - p.dropout_rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
-def grouped_expert_mlp(rows: jax.Array, group_sizes: jax.Array, w: ExpertWeights, matmul: GroupedMatmul) -> jax.Array:
+def _input_bias(w: ExpertWeights, name: str) -> jax.Array | None:
+    return getattr(w, f"{name}_bias") if name in ("gate", "up") else None
+
+
+def grouped_expert_mlp(rows: jax.Array, group_sizes: jax.Array, w: ExpertWeights, matmul: GroupedMatmul,
+                       activation: Activation = _hidden) -> jax.Array:
     """rows [M, D] sorted by expert, group_sizes [G] -> [M, D]: each row through its expert's MLP
     (plus dropout(x) A B per expert for adapted projections, through the same kernel)."""
+    row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right"),
+                             group_sizes.shape[0] - 1)  # rows past the groups: any bias, the down matmul zeroes them
 
     def project(x: jax.Array, name: str) -> jax.Array:
         y = matmul(x, getattr(w, name), group_sizes)
         p = _adapter(w, name)
         if p is not None:
             y = y + matmul(matmul(_adapter_input(x, p), p.a, group_sizes), p.b, group_sizes)
-        return y
+        bias = _input_bias(w, name)
+        return y if bias is None else y + bias[row_expert]
 
     gate = None if w.gate is None else project(rows, "gate")
-    return project(_hidden(gate, project(rows, "up")), "down")
+    return project(activation(gate, project(rows, "up")), "down")
 
 
-def batched_expert_mlp(slots: jax.Array, w: ExpertWeights) -> jax.Array:
+def batched_expert_mlp(slots: jax.Array, w: ExpertWeights, activation: Activation = _hidden) -> jax.Array:
     """slots [G, C, D] -> [G, C, D]: the C slots of expert g through expert g's MLP (and adapters)."""
 
     def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -301,31 +341,42 @@ def batched_expert_mlp(slots: jax.Array, w: ExpertWeights) -> jax.Array:
         p = _adapter(w, name)
         if p is not None:
             y = y + matmul(matmul(_adapter_input(x, p), p.a), p.b)
-        return y
+        bias = _input_bias(w, name)
+        return y if bias is None else y + bias[:, None]
 
     gate = None if w.gate is None else project(slots, "gate")
-    return project(_hidden(gate, project(slots, "up")), "down")
+    return project(activation(gate, project(slots, "up")), "down")
 
 
 class Experts(nnx.Module):
-    """E bias-free MLPs (SwiGLU or GELU, as cfg.mlp) with weights stacked on a leading "experts" axis."""
+    """E MLPs (SwiGLU, GELU or gpt-oss's clamped SwiGLU, as cfg.mlp; biases with moe.expert_bias) with
+    weights stacked on a leading "experts" axis. The clamped SwiGLU keeps its gate and up projections
+    interleaved in `up` [E, D, 2F] (`clamped_swiglu`)."""
 
     LORA_WEIGHTS = {"gate": (1, 1), "up": (1, 1), "down": (1, 1)}  # models/lora.py: per-expert adapters
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         assert cfg.moe is not None
         e, d, f = cfg.moe.num_experts, cfg.d_model, cfg.moe.expert_d_ff or cfg.d_ff
+        up_width = 2 * f if cfg.mlp == "clamped_swiglu" else f
         pdt = dtype_of(cfg.param_dtype)
         init = normal(cfg.init_std)
         in_axes = ("experts", "embed", "expert_mlp")
         self.gate = param(rngs, init, (e, d, f), in_axes, pdt) if cfg.mlp == "swiglu" else None
-        self.up = param(rngs, init, (e, d, f), in_axes, pdt)
+        self.up = param(rngs, init, (e, d, up_width), in_axes, pdt)
         self.down = param(rngs, normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)), (e, f, d),
                           ("experts", "expert_mlp", "embed"), pdt)
+        bias = cfg.moe.expert_bias
+        self.gate_bias = param(rngs, zeros, (e, f), ("experts", "expert_mlp"), pdt) if bias and self.gate is not None else None
+        self.up_bias = param(rngs, zeros, (e, up_width), ("experts", "expert_mlp"), pdt) if bias else None
+        self.down_bias = param(rngs, zeros, (e, d), ("experts", "embed"), pdt) if bias else None
 
     def weights(self, dtype: jnp.dtype) -> ExpertWeights:
-        gate = None if self.gate is None else self.gate[...].astype(dtype)
-        return ExpertWeights(gate, self.up[...].astype(dtype), self.down[...].astype(dtype), self._lora(dtype))
+        def cast(p: nnx.Param | None) -> jax.Array | None:
+            return None if p is None else p[...].astype(dtype)
+
+        return ExpertWeights(cast(self.gate), cast(self.up), cast(self.down), self._lora(dtype),
+                             cast(self.gate_bias), cast(self.up_bias))
 
     def _lora(self, dtype: jnp.dtype) -> ExpertLoRA | None:
         def projection(name: str) -> ProjectionLoRA | None:
@@ -398,11 +449,12 @@ def combine_slots(out: jax.Array, expert_ids: jax.Array, slots: jax.Array, weigh
     return jnp.einsum("nkd,nk->nd", gathered, weights.astype(out.dtype), preferred_element_type=jnp.float32).astype(out.dtype)
 
 
-def dropless_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, matmul: GroupedMatmul) -> jax.Array:
+def dropless_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, matmul: GroupedMatmul,
+                     activation: Activation = _hidden) -> jax.Array:
     """x [N, D], expert_ids/weights [N, K] -> [N, D] with every expert of w local."""
     sorted_ = sort_by_expert(expert_ids, w.up.shape[0])
     rows = x[sorted_.order // expert_ids.shape[1]]
-    return combine_sorted(grouped_expert_mlp(rows, sorted_.group_sizes, w, matmul), sorted_.order, weights)
+    return combine_sorted(grouped_expert_mlp(rows, sorted_.group_sizes, w, matmul, activation), sorted_.order, weights)
 
 
 def sequence_slots(expert_ids: jax.Array, num_experts: int, sequences: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -418,13 +470,14 @@ def sequence_slots(expert_ids: jax.Array, num_experts: int, sequences: int, capa
 
 
 def capacity_experts(
-    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig, sequences: int
+    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig, sequences: int,
+    activation: Activation = _hidden,
 ) -> tuple[jax.Array, jax.Array]:
     """x [N, D] (S sequences), expert_ids/weights [N, K] -> (y [N, D], kept [N, K]) with every expert of w local."""
     num_experts = w.up.shape[0]
     capacity = expert_capacity(x.shape[0] // sequences, moe)
     slots, kept = sequence_slots(expert_ids, num_experts, sequences, capacity)
-    out = batched_expert_mlp(dispatch_to_slots(x, expert_ids, slots, num_experts, sequences * capacity), w)
+    out = batched_expert_mlp(dispatch_to_slots(x, expert_ids, slots, num_experts, sequences * capacity), w, activation)
     return combine_slots(out, expert_ids, slots, weights), kept
 
 
@@ -440,7 +493,7 @@ def _all_to_all(x: jax.Array, axis: AxisName) -> jax.Array:
 
 def capacity_experts_parallel(
     x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_local: ExpertWeights, moe: MoEConfig,
-    sequences: int, axis: AxisName, shards: int,
+    sequences: int, axis: AxisName, shards: int, activation: Activation = _hidden,
 ) -> tuple[jax.Array, jax.Array]:
     """`capacity_experts` with this device holding L = E / P experts (GShard): the [E, S * C, D] slot
     buffer is exchanged so that each shard receives the [P, L, S * C, D] slots of its experts."""
@@ -452,14 +505,14 @@ def capacity_experts_parallel(
     buffer = dispatch_to_slots(x, expert_ids, slots, num_experts, capacity)
     received = _all_to_all(buffer.reshape(shards, local, capacity, d), axis)  # [P(source), L, C, D]
     per_expert = received.transpose(1, 0, 2, 3).reshape(local, shards * capacity, d)
-    out = batched_expert_mlp(per_expert, w_local).reshape(local, shards, capacity, d).transpose(1, 0, 2, 3)
+    out = batched_expert_mlp(per_expert, w_local, activation).reshape(local, shards, capacity, d).transpose(1, 0, 2, 3)
     returned = _all_to_all(out, axis).reshape(num_experts, capacity, d)
     return combine_slots(returned, expert_ids, slots, weights), kept
 
 
 def dropless_experts_parallel(
     x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_local: ExpertWeights, matmul: GroupedMatmul,
-    axis: AxisName, shards: int,
+    axis: AxisName, shards: int, activation: Activation = _hidden,
 ) -> jax.Array:
     """`dropless_experts` with this device holding L = E / P experts.
 
@@ -487,7 +540,7 @@ def dropless_experts_parallel(
     count_ends = jnp.cumsum(received_counts, axis=1)
     local_expert = jax.vmap(lambda ends: jnp.searchsorted(ends, offsets, side="right"))(count_ends)  # L: padding
     local_order = jnp.argsort(local_expert.reshape(-1), stable=True)
-    out_sorted = grouped_expert_mlp(received[local_order], received_counts.sum(axis=0), w_local, matmul)
+    out_sorted = grouped_expert_mlp(received[local_order], received_counts.sum(axis=0), w_local, matmul, activation)
     out = jnp.zeros_like(out_sorted).at[local_order].set(out_sorted, unique_indices=True)
 
     returned = _all_to_all(out.reshape(shards, block, d), axis)  # [P(expert shard), R, D]
@@ -532,7 +585,11 @@ def _placement(mesh: Mesh, rules: sharding.Rules, x_shape: Sequence[int], w: Exp
         )
     if token_axes & set(tensor_axes):
         raise ValueError(f"'expert_mlp' and the token axes share mesh axes {sorted(token_axes & set(tensor_axes))}")
-    weight_specs = ExpertWeights(None if w.gate is None else w_in, w_in, w_out, _lora_specs(mesh, rules, w))
+    def bias_spec(bias: jax.Array | None) -> P | None:
+        return None if bias is None else sharding.logical_to_mesh_spec(("experts", "expert_mlp"), rules, mesh, bias.shape)
+
+    weight_specs = ExpertWeights(None if w.gate is None else w_in, w_in, w_out, _lora_specs(mesh, rules, w),
+                                 bias_spec(w.gate_bias), bias_spec(w.up_bias))
     return _Placement(tokens, P(tokens[0], tokens[1], None), weight_specs, expert_axes, shards, tensor_axes)
 
 
@@ -556,7 +613,7 @@ def _lora_specs(mesh: Mesh, rules: sharding.Rules, w: ExpertWeights) -> ExpertLo
 
 def experts_on_device(
     x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig,
-    placement: _Placement | None = None, sequences: int = 1,
+    placement: _Placement | None = None, sequences: int = 1, activation: Activation = _hidden,
 ) -> tuple[jax.Array, jax.Array]:
     """One device's tokens x [N, D] (`sequences` sequences of N / S tokens), expert_ids/weights [N, K]
     through the routed experts, with the experts of w all local (placement None or one expert shard)
@@ -566,21 +623,22 @@ def experts_on_device(
     if moe.impl == "dropless":
         matmul = grouped_matmul_kernel(moe.grouped_matmul)
         if axis is None:
-            y = dropless_experts(x, expert_ids, weights, w, matmul)
+            y = dropless_experts(x, expert_ids, weights, w, matmul, activation)
         else:
-            y = dropless_experts_parallel(x, expert_ids, weights, w, matmul, axis, shards)
+            y = dropless_experts_parallel(x, expert_ids, weights, w, matmul, axis, shards, activation)
         kept = jnp.ones(expert_ids.shape, jnp.bool_)
     elif axis is None:
-        y, kept = capacity_experts(x, expert_ids, weights, w, moe, sequences)
+        y, kept = capacity_experts(x, expert_ids, weights, w, moe, sequences, activation)
     else:
-        y, kept = capacity_experts_parallel(x, expert_ids, weights, w, moe, sequences, axis, shards)
+        y, kept = capacity_experts_parallel(x, expert_ids, weights, w, moe, sequences, axis, shards, activation)
     if placement is not None and placement.tensor_axes:
         y = jax.lax.psum(y, _axis_name(placement.tensor_axes))  # partial sums over the F shards
     return y, kept
 
 
 def routed_experts(
-    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig
+    x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w: ExpertWeights, moe: MoEConfig,
+    activation: Activation = _hidden,
 ) -> tuple[jax.Array, jax.Array | None]:
     """x [B, T, D], expert_ids/weights [B, T, K] -> (y [B, T, D], kept [B, T, K] or None when dropless).
 
@@ -593,7 +651,7 @@ def routed_experts(
              placement: _Placement | None) -> tuple[jax.Array, jax.Array]:
         b, t, d = x.shape
         y, kept = experts_on_device(x.reshape(b * t, d), expert_ids.reshape(b * t, -1), weights.reshape(b * t, -1),
-                                    w, moe, placement, sequences=b)
+                                    w, moe, placement, sequences=b, activation=activation)
         return y.reshape(b, t, d), kept.reshape(b, t, -1)
 
     ctx = sharding.current_sharding()
@@ -614,6 +672,13 @@ def routed_experts(
 # ---- the layer -----------------------------------------------------------------------------------------
 
 
+def expert_output_bias(routing: Routing, kept: jax.Array | None, bias: jax.Array) -> jax.Array:
+    """sum_k weight_k * bias[expert_k] [..., D] over the kept assignments (kept None: all), for bias
+    [E, D]: the experts' output-projection bias, added once after the combine, not per expert shard."""
+    weights = routing.weights if kept is None else jnp.where(kept, routing.weights, 0.0)
+    return jnp.einsum("...k,...kd->...d", weights.astype(bias.dtype), bias[routing.expert_ids])
+
+
 class MoEFeedForward(nnx.Module):
     """Router + E routed experts (+ optional always-on shared experts).
 
@@ -626,8 +691,9 @@ class MoEFeedForward(nnx.Module):
         if cfg.moe is None:
             raise ConfigError("moe: MoEFeedForward needs a model config with `moe` set")
         if cfg.mlp_bias:
-            raise ConfigError("mlp_bias: expert MLPs have no biases; set mlp_bias=False for MoE models")
+            raise ConfigError("mlp_bias: MoE layers take moe.expert_bias for the experts' biases; set mlp_bias=False")
         self.moe = cfg.moe
+        self.mlp, self.swiglu_limit = cfg.mlp, cfg.swiglu_limit
         self.router = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, rngs=rngs)
         shared_width = cfg.moe.num_shared_experts * (cfg.moe.expert_d_ff or cfg.d_ff)
@@ -635,7 +701,10 @@ class MoEFeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
         routing = self.router(x)
-        y, kept = routed_experts(x, routing.expert_ids, routing.weights, self.experts.weights(x.dtype), self.moe)
+        y, kept = routed_experts(x, routing.expert_ids, routing.weights, self.experts.weights(x.dtype), self.moe,
+                                 expert_activation(self.mlp, self.swiglu_limit))
+        if self.experts.down_bias is not None:
+            y = y + expert_output_bias(routing, kept, self.experts.down_bias[...].astype(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, routing_aux(routing, kept, self.moe)

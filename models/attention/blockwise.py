@@ -5,7 +5,9 @@ The forward pass runs an online softmax over blocks of keys for each block of qu
 arrives, so no [T, S] array exists, only [block_q, block_kv] tiles. It saves the output and the
 log-sum-exp per query; the backward pass (a custom VJP, FlashAttention-2's) recomputes each tile's
 probabilities from them. Tiles that the mask rules out wholesale (above the causal diagonal, before
-the sliding window) are skipped by the loop bounds, in both passes.
+the sliding window) are skipped by the loop bounds, in both passes. Attention sinks (`AttentionMask.sinks`)
+start each query's running softmax at the sink's logit (m = sink, l = 1, no value), so the
+log-sum-exp includes them; their gradient is -sum over queries of exp(sink - lse) * rowsum(dO * O).
 
 Shapes: q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] -> [B, T, N, Hv]; inside, queries are tiled as
 [T/bq, B, K, G, bq, H] (G = N / K query heads per key/value head) and keys as [S/bk, B, K, bk, H].
@@ -20,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.mask import AttentionMask, soft_cap, visible
+from models.attention.mask import AttentionMask, grouped_sinks, soft_cap, visible
 from models.attention.xla import MASKED
 
 BLOCK_Q = 256  # CPU: 256-tiles beat 128 and 512 from 2K keys on (bench/long_context.py)
@@ -75,9 +77,10 @@ class _Tiling:
         return visible(q_pos, kv_pos, q_seg, kv_seg, self.sliding_window, q_index, kv_index)[:, None, None]
 
 
-def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
-    """Tiled inputs -> (out [nq, B, K, G, bq, Hv] in v's dtype, lse [nq, B, K, G, bq] float32; MASKED for a
-    query that sees no key, so that merging partial results weighs it 0)."""
+def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, sinks):
+    """Tiled inputs and sinks [K, G] float32 (or None) -> (out [nq, B, K, G, bq, Hv] in v's dtype, lse
+    [nq, B, K, G, bq] float32; MASKED for a query that sees no key and no sink, so that merging partial
+    results weighs it 0)."""
 
     def query_tile(_, tile):
         i, q_i, q_pos_i, q_seg_i = tile
@@ -93,8 +96,11 @@ def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
             pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
             return m_new, denom * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
-        init = (jnp.full(stats_shape, MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros((*stats_shape, v.shape[-1]), jnp.float32))
+        if sinks is None:
+            m0, denom0 = jnp.full(stats_shape, MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32)
+        else:  # the sink is a key seen first: max = its logit, normaliser exp(0), no value
+            m0, denom0 = jnp.broadcast_to(sinks[:, :, None], stats_shape), jnp.ones(stats_shape, jnp.float32)
+        init = (m0, denom0, jnp.zeros((*stats_shape, v.shape[-1]), jnp.float32))
         m, denom, acc = jax.lax.fori_loop(*tiling.kv_range(i, offset), key_tile, init)
         seen = denom > 0  # a query that sees no key (padding) gets output 0
         denom = jnp.where(seen, denom, 1.0)
@@ -107,19 +113,26 @@ def _forward(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
-    return _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset)
+def _flash(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, sinks):
+    return _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, sinks)
 
 
-def _flash_fwd(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset):
-    out, lse = _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, out, lse)
+def _flash_fwd(tiling: _Tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, sinks):
+    out, lse = _forward(tiling, q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, sinks)
+    return (out, lse), ((q, k, v, q_pos, kv_pos, q_seg, kv_seg, offset, out, lse), sinks)
 
 
 def _flash_bwd(tiling: _Tiling, residuals, cotangents):
+    residuals, sinks = residuals
     q, k, v = residuals[:3]
     dq, dk, dv = _gradients(tiling, residuals, cotangents)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+    d_sinks = None
+    if sinks is not None:  # d lse / d sink = p_sink = exp(sink - lse); the sink's value is zero
+        out, lse = residuals[-2:]
+        d_out, d_lse = cotangents
+        delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [nq, B, K, G, bq]
+        d_sinks = -jnp.sum(jnp.exp(sinks[:, :, None] - lse) * delta, axis=(0, 1, 4))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, d_sinks
 
 
 def _gradients(tiling: _Tiling, residuals, cotangents):
@@ -229,7 +242,8 @@ def blockwise_attention_with_lse(
     [B, T, N] float32 (MASKED where it sees no key), both differentiable: attention over a union of key
     sets is the merge of the parts' (out, lse) (`merge_partial_attention`), as in ring attention."""
     tiling, args = _tiled(q, k, v, mask, block_q, block_kv)
-    out, lse = _flash(tiling, *args)  # [nq, B, K, G, bq, Hv], [nq, B, K, G, bq]
+    sinks = None if mask.sinks is None else grouped_sinks(mask.sinks, k.shape[2])
+    out, lse = _flash(tiling, *args, sinks)  # [nq, B, K, G, bq, Hv], [nq, B, K, G, bq]
     return _untile_queries(out, q.shape[1]), _untile_queries(lse, q.shape[1])
 
 

@@ -40,8 +40,9 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 def fits(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> bool:
     """Whether jax.nn's mask arguments express `mask`: causal self-attention of whole unpacked rows,
-    no soft-cap, values shaped like keys."""
-    return (mask.causal and not mask.packed and not mask.logit_softcap and mask.static_offset and mask.q_offset == 0
+    no soft-cap or sinks, values shaped like keys."""
+    return (mask.causal and not mask.packed and not mask.logit_softcap and mask.sinks is None
+            and mask.static_offset and mask.q_offset == 0
             and q.shape[1] == k.shape[1] and v.shape[-1] == k.shape[-1])
 
 

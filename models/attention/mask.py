@@ -66,6 +66,10 @@ class AttentionMask(NamedTuple):
     scores at cap * tanh(score / cap) before the softmax (Gemma 2). `packed` (static) says whether a
     row may hold several documents (the safe default); False promises one document per row followed
     by padding (segment 0), which a kernel may then take as lengths instead of segment ids (cuDNN).
+    `sinks` ([N] float, None = none; gpt-oss): per query head, a virtual key every query sees, whose
+    score is the learned logit sinks[n] and whose value is zero: it joins the softmax denominator
+    only, letting a head put weight on nothing (`softmax_with_sinks`). Taken by the xla, chunked and
+    blockwise kernels (`models.config.SINK_ATTENTION_IMPLS`).
     """
 
     q_positions: jax.Array
@@ -77,6 +81,7 @@ class AttentionMask(NamedTuple):
     logit_softcap: float = 0.0
     q_offset: jax.Array | int = 0
     packed: bool = True
+    sinks: jax.Array | None = None
 
     def block(self, q_start: int, q_end: int, kv_end: int, kv_start: int = 0) -> jax.Array:
         """Mask [B, 1, q_end - q_start, kv_end - kv_start] of queries [q_start, q_end) over keys [kv_start, kv_end)."""
@@ -103,3 +108,17 @@ class AttentionMask(NamedTuple):
 def soft_cap(scores: jax.Array, cap: float) -> jax.Array:
     """cap * tanh(scores / cap); the identity when cap is 0."""
     return cap * jnp.tanh(scores / cap) if cap else scores
+
+
+def grouped_sinks(sinks: jax.Array, kv_heads: int) -> jax.Array:
+    """sinks [N] -> float32 [K, G]: query head j*G + g's logit at [j, g], as the kernels group heads."""
+    return sinks.astype(jnp.float32).reshape(kv_heads, -1)
+
+
+def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of float32 scores, with `sinks` (broadcastable to scores[..., :1])
+    as one more logit whose probability is dropped (None: the plain softmax)."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1)).astype(scores.dtype)
+    return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]

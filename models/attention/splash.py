@@ -45,9 +45,10 @@ def splash_kernel(n_heads: int, length: int, sliding_window: int, logit_softcap:
 
 
 def fits(q: jax.Array, k: jax.Array, mask: AttentionMask, block: int) -> bool:
-    """Whether splash computes this call: causal self-attention of whole rows that tile into `block`."""
+    """Whether splash computes this call: causal self-attention of whole rows that tile into `block`,
+    without sinks."""
     t = q.shape[1]
-    return (mask.causal and mask.static_offset and mask.q_offset == 0 and k.shape[1] == t
+    return (mask.causal and mask.static_offset and mask.q_offset == 0 and k.shape[1] == t and mask.sinks is None
             and t % min(block, t) == 0 and min(block, t) % 128 == 0)
 
 

@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.mask import AttentionMask, soft_cap
+from models.attention.mask import AttentionMask, grouped_sinks, soft_cap, softmax_with_sinks
 
 QUERY_CHUNK = 128
 MASKED = float(jnp.finfo(jnp.float32).min)
@@ -29,12 +29,17 @@ def ungrouped_heads(out: jax.Array) -> jax.Array:
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, kv_heads * group, h)
 
 
+def _sink_logits(mask: AttentionMask, kv_heads: int) -> jax.Array | None:
+    """mask.sinks as [K, G, 1, 1], broadcasting over [B, K, G, T, 1] scores (None without sinks)."""
+    return None if mask.sinks is None else grouped_sinks(mask.sinks, kv_heads)[:, :, None, None]
+
+
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
     """Softmax attention over the dense [B, 1, T, S] mask: the reference every kernel is tested against."""
     q_t = grouped_heads(q, k.shape[2])
     scores = jnp.einsum("bkgth,bskh->bkgts", q_t, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask.dense()[:, :, None], soft_cap(scores, mask.logit_softcap), MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = softmax_with_sinks(scores, _sink_logits(mask, k.shape[2])).astype(v.dtype)
     return ungrouped_heads(jnp.einsum("bkgts,bskh->bkgth", probs, v))
 
 
@@ -70,6 +75,6 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionM
                             preferred_element_type=jnp.float32)
         scores = soft_cap(scores * scale, mask.logit_softcap)
         scores = jnp.where(mask.block(start, end, hi, lo)[:, :, None], scores, MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = softmax_with_sinks(scores, _sink_logits(mask, k.shape[2])).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v_t[:, :, lo:hi]))
     return ungrouped_heads(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))

@@ -6,6 +6,7 @@ from models.config import ConfigError, ModelConfig
 from models.hf.deepseek import DeepseekV2, DeepseekV3
 from models.hf.family import Family
 from models.hf.gemma import Gemma, Gemma2, Gemma3Text
+from models.hf.gpt_oss import GptOss
 from models.hf.llama import Llama
 from models.hf.mistral import Mistral
 from models.hf.mixtral import Mixtral
@@ -18,7 +19,7 @@ from models.hf.starcoder2 import Starcoder2
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (Llama(), Qwen2(), Qwen3(), Mistral(), Starcoder2(), Mixtral(), Qwen3Moe(), DeepseekV3(), DeepseekV2(), Gemma(),
-              Gemma2(), Gemma3Text())
+              Gemma2(), Gemma3Text(), GptOss())
 }
 
 
