@@ -11,6 +11,10 @@ builds the blocks it computes. Each kernel lists the platforms it runs on (None:
     cudnn      GPU, jax.nn.dot_product_attention's cuDNN kernel where its mask arguments fit, else
                blockwise (models/attention/cudnn.py)
     splash     TPU, JAX's Pallas splash-attention kernel (models/attention/splash.py)
+    ring       blockwise, with context parallelism by K/V blocks passed round a ring of devices instead
+               of all-gathered (models/attention/parallel.py); no attention sinks
+
+Under context parallelism every kernel but `ring` runs on all-gathered keys and values.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Kernel(NamedTuple):
     fn: AttentionFn
     platforms: tuple[str, ...] | None = None  # None: every platform
     manual: bool = False  # XLA cannot partition it (Pallas): run per device shard (models/attention/parallel.py)
+    distributes_itself: bool = False  # handles context parallelism on its own (ring), not through the all-gather
 
 
 ATTENTION_KERNELS: dict[str, Kernel] = {
@@ -53,12 +58,13 @@ ATTENTION_KERNELS: dict[str, Kernel] = {
     "blockwise": Kernel(blockwise_attention),
     "cudnn": Kernel(cudnn_attention, ("gpu",)),
     "splash": Kernel(splash_attention, ("tpu",), manual=True),
+    "ring": Kernel(ring_attention, distributes_itself=True),
 }
 
 
 def register_attention_kernel(name: str, fn: AttentionFn, platforms: tuple[str, ...] | None = None,
-                              manual: bool = False) -> None:
-    ATTENTION_KERNELS[name] = Kernel(fn, platforms, manual)
+                              manual: bool = False, distributes_itself: bool = False) -> None:
+    ATTENTION_KERNELS[name] = Kernel(fn, platforms, manual, distributes_itself)
 
 
 def available_attention_kernels(platform: str | None = None) -> list[str]:
@@ -76,6 +82,8 @@ def attention_kernel(name: str) -> AttentionFn:
             f"attention_impl: no kernel {name!r} on platform {jax.default_backend()!r}; available: {', '.join(available)}"
         )
     kernel = ATTENTION_KERNELS[name]
+    if kernel.distributes_itself:
+        return kernel.fn
     return functools.partial(sharded_attention, kernel.fn, manual=kernel.manual)
 
 

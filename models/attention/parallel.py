@@ -66,10 +66,12 @@ class _Layout(NamedTuple):
 
     def run(self, local: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
             mask: AttentionMask) -> jax.Array:
-        """`local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` on each device's blocks."""
-        run = jax.shard_map(local, mesh=self.mesh, in_specs=(self.act_spec,) * 3 + (self.ids_spec,) * 4,
+        """`local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks)` on each device's blocks; the attention
+        sinks [N] (or None) split like the query heads."""
+        run = jax.shard_map(local, mesh=self.mesh,
+                            in_specs=(self.act_spec,) * 3 + (self.ids_spec,) * 4 + (P(self.act_spec[2]),),
                             out_specs=self.act_spec, check_vma=False)
-        return run(q, k, v, mask.q_positions, mask.kv_positions, mask.q_segment_ids, mask.kv_segment_ids)
+        return run(q, k, v, mask.q_positions, mask.kv_positions, mask.q_segment_ids, mask.kv_segment_ids, mask.sinks)
 
 
 def _layout(q: jax.Array, k: jax.Array, mask: AttentionMask) -> _Layout | None:
@@ -88,9 +90,9 @@ def _layout(q: jax.Array, k: jax.Array, mask: AttentionMask) -> _Layout | None:
     return _Layout(mesh, context, P(batch, row, heads, None), P(batch, row))
 
 
-def _local_mask(mask: AttentionMask, q_pos, kv_pos, q_seg, kv_seg, offset) -> AttentionMask:
+def _local_mask(mask: AttentionMask, q_pos, kv_pos, q_seg, kv_seg, sinks, offset) -> AttentionMask:
     return mask._replace(q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                         q_offset=offset)
+                         sinks=sinks, q_offset=offset)
 
 
 def sharded_attention(kernel: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
@@ -102,13 +104,13 @@ def sharded_attention(kernel: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Ar
         return kernel(q, k, v, mask)  # XLA partitions it (batch and heads), gathering T if it must
     context = layout.context
 
-    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
         offset = 0
         if context:
             gather = lambda x: jax.lax.all_gather(x, context, axis=1, tiled=True)  # noqa: E731
             k, v, kv_pos, kv_seg = gather(k), gather(v), gather(kv_pos), gather(kv_seg)
             offset = jax.lax.axis_index(context) * q.shape[1]
-        return kernel(q, k, v, _local_mask(mask, q_pos, kv_pos, q_seg, kv_seg, offset))
+        return kernel(q, k, v, _local_mask(mask, q_pos, kv_pos, q_seg, kv_seg, sinks, offset))
 
     return layout.run(local, q, k, v, mask)
 
@@ -129,7 +131,7 @@ class _Ring:
         """Step `step`'s block came from device (here - step) mod C: the queries start `offset` rows
         after its first key (negative: the block lies after them, and the tile bounds skip it)."""
         offset = jnp.where(here >= step, step * rows, (step - self.shards) * rows)
-        return _local_mask(self.mask, q_pos, kv_pos, q_seg, kv_seg, offset)
+        return _local_mask(self.mask, q_pos, kv_pos, q_seg, kv_seg, None, offset)
 
     def pass_on(self, arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         """Each device's arrays to the next device on the ring."""
@@ -205,10 +207,17 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     by their log-sum-exps. Blocks wholly after a device's queries are skipped by the tile bounds, so
     the causal load is as unbalanced as the all-gather's. The backward pass (a custom VJP) saves only
     the output and log-sum-exp, and sends the blocks round again with their dK/dV (`_Ring.backward`).
+    No attention sinks: each block's partial softmax would count them once more.
     """
+    if mask.sinks is not None:
+        raise ValueError("attention_impl: 'ring' takes no attention sinks (each block would count them)")
     layout = _layout(q, k, mask)
     if layout is None or not layout.context:
         return blockwise_attention(q, k, v, mask, block_q, block_kv)
     ring = _Ring(layout.context, layout.shards, mask._replace(q_positions=None, kv_positions=None,
                  q_segment_ids=None, kv_segment_ids=None), block_q, block_kv)
-    return layout.run(functools.partial(_ring, ring), q, k, v, mask)
+
+    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
+        return _ring(ring, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+    return layout.run(local, q, k, v, mask)

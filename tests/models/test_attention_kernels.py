@@ -258,7 +258,7 @@ def test_splash_takes_whole_causal_rows_that_tile():
 
 
 def test_unavailable_kernel_names_the_available_ones():
-    with pytest.raises(ValueError, match="no kernel 'splash' on platform 'cpu'; available: blockwise, chunked, xla"):
+    with pytest.raises(ValueError, match="no kernel 'splash' on platform 'cpu'; available: blockwise, chunked, ring, xla"):
         attention_kernel("splash")
 
 

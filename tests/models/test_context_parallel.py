@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from configs.schema import ConfigError
 from configs.sharding_rules import DEFAULT_RULES
 from models.attention import AttentionMask, blockwise_attention, reference_attention, ring_attention, sharded_attention
 from models.config import get_preset
@@ -67,9 +68,37 @@ def test_context_parallel_attention_equals_the_reference(schedule, window):
 
 
 @pytest.mark.slow
-def test_context_parallel_decoder_loss_and_gradients_equal_unsharded():
+def test_context_parallel_attention_splits_sinks_with_the_heads():
+    """gpt-oss's per-head sinks [N] go into the shard_map split like the query heads (tensor=2 here)."""
+    mesh = make_mesh({"sequence": 4, "tensor": 2})
+    b, t = 1, 32
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32) for _ in range(2))
+    sinks = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    pos, seg = packed(b, t)
+
+    def loss(q, k, v, sinks, attend):
+        return jnp.sum(jnp.sin(attend(q, k, v, AttentionMask(pos, pos, seg, seg, causal=True, sinks=sinks))))
+
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sinks, reference_attention)
+    with sharding_context(mesh, DEFAULT_RULES):
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(
+            q, k, v, sinks, CONTEXT_PARALLEL["all_gather"][0])
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5), got, want)
+
+
+def test_ring_is_a_kernel_without_sinks():
+    assert get_preset("tiny", attention_impl="ring").attention_impl == "ring"
+    with pytest.raises(ConfigError, match="attention_impl"):
+        get_preset("tiny", attention_impl="ring", attention_sinks=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["blockwise", "ring"])
+def test_context_parallel_decoder_loss_and_gradients_equal_unsharded(impl):
     cfg = get_preset("tiny", vocab_size=256, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, dtype="float32",
-                     attention_impl="blockwise", cross_entropy_chunk=8)
+                     attention_impl=impl, cross_entropy_chunk=8)
     b, t = 2, 32
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(b, t + 1))
     pos, seg = packed(b, t)

@@ -50,7 +50,7 @@ def test_sections_are_typed_and_frozen():
     (lambda c: setattr(c.train, "grad_accum", 3), "train.grad_accum: must divide data.batch_size=16, got 3"),
     (lambda c: setattr(c.data, "batch_size", 12), "data.batch_size: 12 rows must be divisible by the data-parallel size 8"),
     (lambda c: setattr(c.train, "grad_accum", 4), "train.grad_accum: each micro-batch (data.batch_size / train.grad_accum = 4 rows) must be divisible by the data-parallel size 8"),
-    (lambda c: setattr(c.model, "attention_impl", "cudnn"), "model.attention_impl: 'cudnn' is not available on cpu; available: blockwise, chunked, xla"),
+    (lambda c: setattr(c.model, "attention_impl", "cudnn"), "model.attention_impl: 'cudnn' is not available on cpu; available: blockwise, chunked, ring, xla"),
 ])
 def test_errors_name_the_field_path(mutate, message):
     with pytest.raises(ConfigError) as error:
