@@ -72,6 +72,11 @@ def test_golden_table_spot_checks():
     gemma2 = golden["gemma2-tiny"]
     assert gemma2["stacks/dense_sliding-dense_full/blocks/1/ffn/mlp/gate_proj"] == str(P(None, "fsdp", "tensor"))
     assert gemma2["stacks/dense_sliding-dense_full/blocks/0/post_ffn_norm/scale"] == str(P(None, None))
+    # gpt-oss: a head's sink lives with its head (tensor); experts' biases follow their outputs' dims.
+    oss = {k.removeprefix("stacks/moe_sliding-moe_full/blocks/0/"): v for k, v in golden["gpt-oss-20b"].items()}
+    assert oss["attn/sinks"] == str(P(None, "tensor"))
+    assert oss["ffn/experts/up_bias"] == str(P(None, "expert", "tensor"))
+    assert oss["ffn/experts/down_bias"] == str(P(None, "expert", "fsdp"))
 
 
 def test_indivisible_dimensions_are_replicated():
