@@ -163,7 +163,7 @@ class Block(nnx.Module):
         return x + self._post_norm("post_ffn_norm", y), aux
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: LayerCache | None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerCache | None
     ) -> tuple[jax.Array, Aux, LayerCache | None]:
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
         x, aux = self._feed_forward(x + self._post_norm("post_attn_norm", h))
@@ -221,9 +221,10 @@ class LayerStack(nnx.Module):
         return per_position[0] if self._period == 1 else per_position
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: StackCache | None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: StackCache | None
     ) -> tuple[jax.Array, Aux, StackCache | None]:
-        """x [B, T, D] -> (x, aux with a leading [repeats] axis, cache)."""
+        """x [B, T, D], positions/segment_ids [B, T] (segment_ids None: one document per row) -> (x, aux
+        with a leading [repeats] axis, cache)."""
         period = self._period
 
         def body(blocks: tuple[Block, ...], x: jax.Array, caches: tuple[LayerCache | None, ...]) -> tuple[jax.Array, tuple[Aux, Any]]:
@@ -372,8 +373,6 @@ class Decoder(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
         x = self.embed_tokens(tokens)
         aux: Aux = {}
         new_cache = {} if cache is not None else None

@@ -26,7 +26,7 @@ from models.attention import (  # noqa: F401  (the attention seam, re-exported w
     register_attention_kernel,
     soft_cap,
 )
-from models.attention.mask import grouped_sinks, softmax_with_sinks
+from models.attention.mask import document_ids, grouped_sinks, softmax_with_sinks
 from models.config import GATED_MLPS, ModelConfig, RopeScaling
 from models.lora import with_adapter
 from models.sharding import LogicalAxes, constrain
@@ -307,20 +307,22 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        segment_ids: jax.Array,
+        segment_ids: jax.Array | None,
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x [B, T, D], positions/segment_ids [B, T] -> ([B, T, D], updated cache or None)."""
+        """x [B, T, D], positions/segment_ids [B, T] (None: one document per row) -> ([B, T, D], updated
+        cache or None)."""
         q, k, v = self._qkv(x, positions)
         window = self.window
+        segment_ids, packed = document_ids(positions, segment_ids)
         if cache is not None:
             cache = cache.append(k, v, positions, segment_ids)
             k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
             mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, window,
-                                 logit_softcap=self.cfg.attn_logit_softcap, sinks=self._sinks())
+                                 logit_softcap=self.cfg.attn_logit_softcap, packed=packed, sinks=self._sinks())
         else:  # the row attends to itself, in order
             mask = AttentionMask(positions, positions, segment_ids, segment_ids, window, causal=True,
-                                 logit_softcap=self.cfg.attn_logit_softcap, sinks=self._sinks())
+                                 logit_softcap=self.cfg.attn_logit_softcap, packed=packed, sinks=self._sinks())
         return self._attend_and_project(q, k, v, mask, x.dtype), cache
 
     def decode(

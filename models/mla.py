@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention.mask import document_ids
 from models.config import MLAConfig, ModelConfig
 from models.layers import (
     AttentionMask,
@@ -122,18 +123,19 @@ class MultiHeadLatentAttention(nnx.Module):
         return constrain(y.astype(dtype), ("batch", "activation_length", "activation_embed"))
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: LayerCache | None = None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerCache | None = None
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x [B, T, D], positions/segment_ids [B, T] -> ([B, T, D], cache or None); the cache (from
-        `mla_layer_cache`) stores the latents, which are expanded to per-head keys and values here."""
+        """x [B, T, D], positions/segment_ids [B, T] (None: one document per row) -> ([B, T, D], cache or
+        None); the cache (from `mla_layer_cache`) stores the latents, expanded to per-head keys and values here."""
         q_nope, q_rope = self._queries(x, positions)
         latent, k_rope = self._latents(x, positions)
+        segment_ids, packed = document_ids(positions, segment_ids)
         if cache is not None:
             cache = cache.append(latent[:, :, None], k_rope[:, :, None], positions, segment_ids)
             latent, k_rope = cache.k[:, :, 0].astype(x.dtype), cache.v[:, :, 0].astype(x.dtype)
-            mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, self.window)
+            mask = AttentionMask(positions, cache.positions, segment_ids, cache.segment_ids, self.window, packed=packed)
         else:
-            mask = AttentionMask(positions, positions, segment_ids, segment_ids, self.window, causal=True)
+            mask = AttentionMask(positions, positions, segment_ids, segment_ids, self.window, causal=True, packed=packed)
         w_uk, w_uv = self._up(x.dtype)
         k_nope = jnp.einsum("bsr,rnc->bsnc", latent, w_uk)
         v = constrain(jnp.einsum("bsr,rnv->bsnv", latent, w_uv), ("batch", "activation_length", "activation_heads", None))

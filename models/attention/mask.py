@@ -110,6 +110,14 @@ def soft_cap(scores: jax.Array, cap: float) -> jax.Array:
     return cap * jnp.tanh(scores / cap) if cap else scores
 
 
+def document_ids(positions: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, bool]:
+    """The segment ids [B, T] a layer attends with, and `AttentionMask.packed`: None (the caller packed
+    nothing) means one document per row, which lets a kernel take lengths instead of ids (cuDNN)."""
+    if segment_ids is None:
+        return jnp.ones(positions.shape, jnp.int32), False
+    return segment_ids, True
+
+
 def grouped_sinks(sinks: jax.Array, kv_heads: int) -> jax.Array:
     """sinks [N] -> float32 [K, G]: query head j*G + g's logit at [j, g], as the kernels group heads."""
     return sinks.astype(jnp.float32).reshape(kv_heads, -1)

@@ -297,3 +297,29 @@ def test_cudnn_routes_what_its_arguments_cannot_express_to_blockwise():
 
     assert runs_blockwise(q, k, v, mask._replace(packed=True), "xla")
     assert runs_blockwise(q, k, v, mask, "cudnn")  # float32: cuDNN's flash kernel is half precision only
+
+
+def test_the_decoder_marks_rows_packed_only_when_given_segment_ids(monkeypatch):
+    """A forward without segment ids promises one document per row (`packed=False`, what lets cuDNN
+    take row lengths); with them, rows may hold several documents. Same logits either way."""
+    from flax import nnx  # noqa: PLC0415
+
+    from models.attention import ATTENTION_KERNELS, Kernel  # noqa: PLC0415
+    from models.config import get_preset  # noqa: PLC0415
+    from models.decoder import Decoder  # noqa: PLC0415
+
+    seen = []
+
+    def spy(q, k, v, mask):
+        seen.append(mask.packed)
+        return reference_attention(q, k, v, mask)
+
+    monkeypatch.setitem(ATTENTION_KERNELS, "xla", Kernel(spy))
+    cfg = get_preset("tiny", vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, scan_layers=False)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] % cfg.vocab_size
+    unpacked = model(tokens).logits
+    assert seen == [False, False]
+    packed = model(tokens, segment_ids=jnp.ones_like(tokens)).logits
+    assert seen[2:] == [True, True]
+    np.testing.assert_allclose(unpacked, packed, atol=1e-6)

@@ -139,10 +139,12 @@ def test_bias_updates_reach_each_moe_layer_of_a_pattern_stack(scan):
     key = [k for k in out.aux if k.endswith("expert_load")]
     assert key == ["dense_sliding-moe_full/1/expert_load"]
     load = np.asarray(out.aux[key[0]])  # [2 repeats, E]
-    expected = 0.1 * np.sign(load.mean(-1, keepdims=True) - load)
+    gap = load.mean(-1, keepdims=True) - load
     stack = model.stacks["dense_sliding-moe_full"]
     biases = stack.blocks[1].ffn.router.bias[...] if scan else np.stack([b.ffn.router.bias[...] for b in stack.blocks[1]])
-    np.testing.assert_allclose(biases, expected)
+    decided = np.abs(gap) > 1e-6  # an expert at exactly the mean load may round to either side in float32
+    np.testing.assert_allclose(np.asarray(biases)[decided], 0.1 * np.sign(gap[decided]))
+    assert decided.sum() >= 6 and np.all(np.abs(np.asarray(biases)) <= 0.1 + 1e-7)
 
 
 def assert_layer_cache_decoding_is_the_full_forward(model, tokens, prefill: int = 6):
