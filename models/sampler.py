@@ -409,7 +409,8 @@ def _insert(
         def put(buffer: jax.Array, new: jax.Array) -> jax.Array:  # [1, R, K, S, H] <- [1, G, K, P, H]
             return buffer.at[:, slots, :, : new.shape[3]].set(new[:, source], mode="drop")
 
-        cache = {name: tuple(KVCache(put(c.k, p.k), put(c.v, p.v)) for c, p in zip(layers, _per_layer(prefix)[name]))
+        prefix = _per_layer(prefix)
+        cache = {name: tuple(KVCache(put(c.k, p.k), put(c.v, p.v)) for c, p in zip(layers, prefix[name]))
                  for name, layers in state.cache.items()}
         zero = jnp.zeros_like(slots)
         token, logp, top_ids, top_logp = sample_tokens(prefix_logits[source], keys, zero, temperature, top_p, mode)

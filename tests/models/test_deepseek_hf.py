@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from models.config import PRESETS, ConfigError  # noqa: E402
 from models.hf import get_family, load_hf_checkpoint, read_hf_config, reference, save_hf_checkpoint  # noqa: E402
-from models.hf.family import HFConfig  # noqa: E402
 from models.hf.layouts import HeadsIn, RopeRows, Transposed  # noqa: E402
+from tests.models.hf_helpers import assert_logits_close, assert_minimal_config_reads_like_transformers  # noqa: E402
 from tests.models.test_moe_hf import compare, our_layer, t  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, reference.TINY_SHAPE["vocab_size"], size=(2, 12))
@@ -44,11 +44,6 @@ def saved(tmp_path_factory):
     return get
 
 
-def assert_close(actual, expected):
-    assert expected.std() > 0.5, "reference logits are near-constant; the comparison would prove nothing"
-    np.testing.assert_array_less(np.abs(actual - expected).max(), 1e-4)
-
-
 @pytest.mark.parametrize("model_type, scan_layers", [
     ("deepseek_v2", True), ("deepseek_v3", True),
     pytest.param("deepseek_v2", False, marks=pytest.mark.slow), pytest.param("deepseek_v3", False, marks=pytest.mark.slow),
@@ -57,7 +52,7 @@ def test_import_matches_transformers_logits(saved, model_type, scan_layers):
     directory, expected = saved(model_type)
     model = load_hf_checkpoint(directory, scan_layers=scan_layers)
     assert model.cfg.mla is not None and list(model.stacks) == ["dense", "moe"]
-    assert_close(np.asarray(model(TOKENS).logits), expected)
+    assert_logits_close(np.asarray(model(TOKENS).logits), expected)
 
 
 def test_v2_config_reads_mla_and_group_limited_softmax_routing(saved):
@@ -76,10 +71,10 @@ def test_export_round_trip_through_transformers(saved, model_type, tmp_path):
     save_hf_checkpoint(model, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded).__name__ == get_family(model_type).architecture
-    assert_close(reference.logits(reloaded, TOKENS), expected)
+    assert_logits_close(reference.logits(reloaded, TOKENS), expected)
     if model_type == "deepseek_v3":  # the selection bias travels with the weights
         np.testing.assert_array_equal(reloaded.model.layers[1].mlp.gate.e_score_correction_bias.numpy(), SELECTION_BIAS)
-    assert_close(np.asarray(load_hf_checkpoint(tmp_path)(TOKENS).logits), expected)
+    assert_logits_close(np.asarray(load_hf_checkpoint(tmp_path)(TOKENS).logits), expected)
 
 
 def test_rope_rows_reorder_interleaved_pairs_and_back():
@@ -95,15 +90,9 @@ def test_rope_rows_reorder_interleaved_pairs_and_back():
 
 @pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
 def test_missing_config_fields_take_transformers_defaults(model_type, tmp_path):
-    minimal = {"model_type": model_type, "vocab_size": 96, "hidden_size": 512, "num_hidden_layers": 4,
-               "num_attention_heads": 32, "intermediate_size": 96, "num_experts_per_tok": 4}
-    (tmp_path / "config.json").write_text(json.dumps(minimal))
-    expanded = transformers.AutoConfig.for_model(**minimal).to_dict()
-    family = get_family(model_type)
-    ours, _ = read_hf_config(tmp_path)
-    theirs = family.config_fields(HFConfig(expanded, "expanded", family.defaults))
-    for field, value in theirs.items():
-        assert getattr(ours, field) == value, field
+    assert_minimal_config_reads_like_transformers(model_type, tmp_path, vocab_size=96, hidden_size=512,
+                                                  num_hidden_layers=4, num_attention_heads=32, intermediate_size=96,
+                                                  num_experts_per_tok=4)
 
 
 def test_unsupported_v2_options_are_named(saved, tmp_path):
@@ -160,10 +149,10 @@ def test_deepseek_yarn_with_mscale_matches_transformers_and_exports(tmp_path):
     expected = reference.logits(hf_model, TOKENS)
     model = load_hf_checkpoint(tmp_path / "hf")
     assert model.cfg.rope_scaling.attention_factor == 1.0 and model.cfg.mla.score_scale == pytest.approx(1.2056, abs=1e-4)
-    assert_close(np.asarray(model(TOKENS).logits), expected)
+    assert_logits_close(np.asarray(model(TOKENS).logits), expected)
     save_hf_checkpoint(model, tmp_path / "out")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert_close(reference.logits(reloaded, TOKENS), expected)
+    assert_logits_close(reference.logits(reloaded, TOKENS), expected)
 
 
 @pytest.mark.parametrize("name, model_type", [("deepseek-coder-v2-lite", "deepseek_v2"), ("deepseek-v3", "deepseek_v3")])

@@ -18,16 +18,15 @@ from configs.sharding_rules import DEFAULT_RULES  # noqa: E402
 from models.config import PRESETS, ConfigError  # noqa: E402
 from models.hf import (  # noqa: E402
     FAMILIES,
-    get_family,
     infer_family,
     load_hf_checkpoint,
     read_hf_config,
     reference,  # noqa: E402
     save_hf_checkpoint,
 )
-from models.hf.family import HFConfig  # noqa: E402
 from models.hf.safetensors_io import INDEX_FILE, CheckpointFormatError, SafetensorsReader, write_sharded  # noqa: E402
 from models.sharding import make_mesh, state_shardings  # noqa: E402
+from tests.models.hf_helpers import assert_logits_close, assert_minimal_config_reads_like_transformers  # noqa: E402
 
 DENSE = ["llama", "qwen2", "qwen3", "mistral", "starcoder2"]
 MOE = ["mixtral", "qwen3_moe"]
@@ -60,11 +59,6 @@ def codelm_logits(model, toks=None):
     return np.asarray(model(np.asarray(tokens() if toks is None else toks)).logits)
 
 
-def assert_close(actual, expected):
-    assert expected.std() > 0.5, "reference logits are near-constant; the comparison would prove nothing"
-    np.testing.assert_array_less(np.abs(actual - expected).max(), TOLERANCE)
-
-
 # Layer stacking is family-independent; unrolled stacks are checked on two families to save time.
 @pytest.mark.parametrize(
     "model_type, scan_layers",
@@ -75,7 +69,7 @@ def test_import_matches_transformers_logits(saved, model_type, scan_layers):
     directory, expected = saved(model_type)
     model = load_hf_checkpoint(directory, scan_layers=scan_layers)
     assert model.cfg.dtype == model.cfg.param_dtype == "float32"
-    assert_close(codelm_logits(model), expected)
+    assert_logits_close(codelm_logits(model), expected)
 
 
 @pytest.mark.parametrize("model_type", ALL)
@@ -85,9 +79,9 @@ def test_export_round_trip_through_transformers(saved, model_type, tmp_path):
     save_hf_checkpoint(model, tmp_path, family=model_type)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded).__name__ == FAMILIES[model_type].architecture
-    assert_close(reference.logits(reloaded, tokens()), expected)
+    assert_logits_close(reference.logits(reloaded, tokens()), expected)
     # ... and codelm reads its own export back to the same function.
-    assert_close(codelm_logits(load_hf_checkpoint(tmp_path)), expected)
+    assert_logits_close(codelm_logits(load_hf_checkpoint(tmp_path)), expected)
 
 
 def test_moe_with_leading_dense_layers(saved, tmp_path):
@@ -95,9 +89,9 @@ def test_moe_with_leading_dense_layers(saved, tmp_path):
     directory, expected = saved("qwen3_moe", mlp_only_layers=[0])
     model = load_hf_checkpoint(directory)
     assert model.cfg.moe.first_dense_layers == 1 and set(model.stacks) == {"dense", "moe"}
-    assert_close(codelm_logits(model), expected)
+    assert_logits_close(codelm_logits(model), expected)
     save_hf_checkpoint(model, tmp_path)
-    assert_close(reference.logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), tokens()), expected)
+    assert_logits_close(reference.logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), tokens()), expected)
 
 
 @pytest.mark.parametrize(
@@ -114,9 +108,9 @@ def test_rope_scaling_variants_import_and_export(saved, rope, tmp_path):
     directory, expected = saved("llama", rope_parameters={"rope_theta": 10000.0, **rope}, attention_bias=True, mlp_bias=True)
     model = load_hf_checkpoint(directory)
     assert model.cfg.rope_scaling.kind == rope["rope_type"] and model.cfg.qkv_bias and model.cfg.mlp_bias
-    assert_close(codelm_logits(model), expected)
+    assert_logits_close(codelm_logits(model), expected)
     save_hf_checkpoint(model, tmp_path)
-    assert_close(reference.logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), tokens()), expected)
+    assert_logits_close(reference.logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), tokens()), expected)
 
 
 def test_sharded_checkpoint_loads_onto_mesh_with_target_shardings(saved, tmp_path):
@@ -132,14 +126,14 @@ def test_sharded_checkpoint_loads_onto_mesh_with_target_shardings(saved, tmp_pat
     for path, target in nnx.to_flat_state(targets):
         assert placed[path].get_value().sharding == target.get_value(), path
     assert any(not v.get_value().sharding.is_fully_replicated for v in placed.values())
-    assert_close(codelm_logits(model), expected)
+    assert_logits_close(codelm_logits(model), expected)
 
     # Export in several shards with an index, which transformers reads.
     save_hf_checkpoint(model, tmp_path / "out", max_shard_bytes=64 << 10)
     index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert_close(reference.logits(reloaded, tokens()), expected)
+    assert_logits_close(reference.logits(reloaded, tokens()), expected)
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype(saved, tmp_path):
@@ -159,15 +153,8 @@ def test_bfloat16_checkpoint_keeps_its_dtype(saved, tmp_path):
 def test_missing_config_fields_take_transformers_defaults(model_type, tmp_path):
     """A config.json with only the shape fields reads like transformers' fully expanded one."""
     # 32 heads: the default number of KV heads of some families must divide it.
-    minimal = {"model_type": model_type, "vocab_size": 96, "hidden_size": 512, "num_hidden_layers": 2,
-               "num_attention_heads": 32, "intermediate_size": 96}
-    (tmp_path / "config.json").write_text(json.dumps(minimal))
-    expanded = transformers.AutoConfig.for_model(**minimal).to_dict()
-    family = get_family(model_type)
-    ours, _ = read_hf_config(tmp_path)
-    theirs = family.config_fields(HFConfig(expanded, "expanded", family.defaults))  # defaults only fill fields HF lacks
-    for field, value in theirs.items():
-        assert getattr(ours, field) == value, field
+    assert_minimal_config_reads_like_transformers(model_type, tmp_path, vocab_size=96, hidden_size=512,
+                                                  num_hidden_layers=2, num_attention_heads=32, intermediate_size=96)
 
 
 @pytest.mark.parametrize("name", ["deepseek-coder-6.7b", "codellama-7b", "qwen2.5-coder-7b", "qwen2.5-coder-0.5b",
@@ -267,7 +254,7 @@ def test_rope_buffers_of_older_checkpoints_are_ignored_and_bin_files_named(saved
     inv_freq = ("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32))
     write_sharded([*tensors, inv_freq], tmp_path / "old")
     shutil.copy(directory / "config.json", tmp_path / "old")
-    assert_close(codelm_logits(load_hf_checkpoint(tmp_path / "old")), expected)
+    assert_logits_close(codelm_logits(load_hf_checkpoint(tmp_path / "old")), expected)
 
     (tmp_path / "bin").mkdir()
     shutil.copy(directory / "config.json", tmp_path / "bin")
