@@ -315,8 +315,10 @@ def grouped_expert_mlp(rows: jax.Array, group_sizes: jax.Array, w: ExpertWeights
                        activation: Activation = _hidden) -> jax.Array:
     """rows [M, D] sorted by expert, group_sizes [G] -> [M, D]: each row through its expert's MLP
     (plus dropout(x) A B per expert for adapted projections, through the same kernel)."""
-    row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right"),
-                             group_sizes.shape[0] - 1)  # rows past the groups: any bias, the down matmul zeroes them
+    row_expert = None  # each row's expert, for the input biases; rows past the groups get any (down zeroes them)
+    if w.gate_bias is not None or w.up_bias is not None:
+        row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right"),
+                                 group_sizes.shape[0] - 1)
 
     def project(x: jax.Array, name: str) -> jax.Array:
         y = matmul(x, getattr(w, name), group_sizes)
