@@ -83,6 +83,9 @@ def _layout(q: jax.Array, k: jax.Array, mask: AttentionMask) -> _Layout | None:
     q_spec = logical_to_mesh_spec(Q_AXES, rules, mesh, q.shape)
     kv_spec = logical_to_mesh_spec(KV_AXES, rules, mesh, k.shape)
     context = _axes(q_spec[1]) if _is_self_attention(q, k, mask) and q_spec[1] == kv_spec[1] else ()
+    # A one-device axis splits nothing: kept, it would put the kernel in a shard_map with a traced
+    # query offset, and the kernels skip the blocks above the causal diagonal only for a static one.
+    context = tuple(a for a in context if mesh.shape[a] > 1)
     batch = q_spec[0] if q_spec[0] == kv_spec[0] else None
     # Query head j*G + g reads key/value head j: split heads only where both split alike.
     heads = q_spec[2] if q_spec[2] == kv_spec[2] else None

@@ -88,6 +88,26 @@ def test_context_parallel_attention_splits_sinks_with_the_heads():
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5), got, want)
 
 
+@pytest.mark.parametrize("mesh_shape,context_parallel", [({"fsdp": -1}, False), (MESH, True)])
+def test_only_a_sequence_axis_of_several_devices_splits_the_row(mesh_shape, context_parallel):
+    """A one-device `sequence` axis (the default mesh) runs the kernel as it is, with the static query
+    offset that lets it skip the tiles above the causal diagonal; a traced offset (a shard_map over one
+    device) made the chunked kernel compute every tile."""
+    offsets = []
+
+    def spy(q, k, v, mask):
+        offsets.append(mask.q_offset)
+        return reference_attention(q, k, v, mask)
+
+    b, t = 2, 32
+    q, k = jnp.zeros((b, t, 4, 8)), jnp.zeros((b, t, 2, 8))
+    pos, seg = packed(b, t)
+    mask = AttentionMask(pos, pos, seg, seg, causal=True)
+    with sharding_context(make_mesh(mesh_shape), DEFAULT_RULES):
+        jax.make_jaxpr(lambda q, k: sharded_attention(spy, q, k, k, mask))(q, k)
+    assert isinstance(offsets[0], int) is not context_parallel
+
+
 def test_ring_is_a_kernel_without_sinks():
     assert get_preset("tiny", attention_impl="ring").attention_impl == "ring"
     with pytest.raises(ConfigError, match="attention_impl"):
