@@ -2,6 +2,7 @@
 causal and sliding-window masks, grouped heads and soft-capped scores; the reference against a loop.
 The cuDNN kernel's mask arguments run through jax.nn's XLA path (no GPU here)."""
 
+import functools
 import itertools
 
 import jax
@@ -170,11 +171,29 @@ def test_blockwise_log_sum_exp_is_differentiable():
     assert_matches_reference(lambda q, k, v, mask: merged_halves(q, k, v, mask)[0][0], *make_case(window=9))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args", [dict(), dict(window=7, cap=3.0), dict(t=12, s=40, offset=24)])
+@pytest.mark.parametrize("args", [pytest.param(dict(), marks=pytest.mark.slow), dict(window=7, cap=3.0),
+                                  pytest.param(dict(t=12, s=40, offset=24), marks=pytest.mark.slow)])
 def test_chunked_matches_reference(args):
     kernel = lambda q, k, v, mask: chunked_attention(q, k, v, mask, query_chunk=16)  # noqa: E731
     assert_matches_reference(kernel, *make_case(**args))
+
+
+def test_chunked_sink_gradients_equal_the_reference():
+    """The chunked kernel's own backward pass (probabilities recomputed from the log-sum-exp) with
+    attention sinks: gradients of q, k, v and the sink logits."""
+    q, k, v, mask = make_case(t=24, window=7)
+    mask = mask._replace(sinks=jnp.asarray(np.random.default_rng(3).normal(size=q.shape[2]), jnp.float32))
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+
+    def grads(kernel):
+        def loss(q, k, v, sinks):
+            return jnp.sum(kernel(q, k, v, mask._replace(sinks=sinks)) * cotangent)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, mask.sinks)
+
+    chunked = functools.partial(chunked_attention, query_chunk=8)
+    for name, got, want in zip("q k v sinks".split(), grads(chunked), grads(reference_attention)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
 def _temp_bytes(kernel, t: int) -> int:
@@ -216,11 +235,11 @@ def test_chunked_memory_grows_faster_than_blockwise():
 
 
 def test_xla_kernel_is_chunked_for_short_rows_and_blockwise_for_long():
-    def uses_custom_vjp(t):
+    def loops_over_tiles(t):  # blockwise scans its tiles; the chunked kernel unrolls its chunks
         q, k, v, mask = make_case(t=t, n=2, kv=1)
-        return "custom_vjp" in str(jax.make_jaxpr(lambda q, k, v: xla_attention(q, k, v, mask))(q, k, v))
+        return "scan" in str(jax.make_jaxpr(lambda q, k, v: xla_attention(q, k, v, mask))(q, k, v))
 
-    assert not uses_custom_vjp(LONG_SEQUENCE) and uses_custom_vjp(LONG_SEQUENCE + 1)
+    assert not loops_over_tiles(LONG_SEQUENCE) and loops_over_tiles(LONG_SEQUENCE + 1)
 
 
 SPLASH_CASES = {
