@@ -193,16 +193,50 @@ def _block_device(path: str) -> str | None:
     return f"{os.major(device)}:{os.minor(device)}"
 
 
-async def _capture(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, int]:
-    """Read `stream` to its end, keeping the first `limit` bytes; returns (kept, total bytes seen).
-    Reading past the limit lets the program finish as if its output were consumed."""
-    kept = bytearray()
-    total = 0
-    while chunk := await stream.read(1 << 16):
-        total += len(chunk)
-        if len(kept) < limit:
-            kept += chunk[: limit - len(kept)]
-    return bytes(kept), total
+class _Output:
+    """One output pipe of a child, read to its end, keeping the first `limit` bytes and counting the rest:
+    reading past the limit lets the program finish as if its output were consumed.
+
+    The pipe is read through `loop.add_reader` on a descriptor this object alone owns and closes once,
+    not through `loop.connect_read_pipe`: uvloop's pipe transport and the file object it wraps both close
+    the same descriptor number (MagicStack/uvloop#763), and the second close lands on whatever another
+    request opened under that number in between (its status pipe, gate or workspace)."""
+
+    _READS_PER_WAKEUP = 16  # a program that floods its output cannot hold the event loop
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, limit: int):
+        self._loop = loop
+        self._fd = fd
+        self._limit = limit
+        self._kept = bytearray()
+        self.total = 0
+        self.ended = loop.create_future()  # set at end of file
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(self._READS_PER_WAKEUP):
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close()
+                self.ended.set_result(None)
+                return
+            self.total += len(chunk)
+            if len(self._kept) < self._limit:
+                self._kept += chunk[: self._limit - len(self._kept)]
+
+    def read(self) -> tuple[bytes, int]:
+        """What was read so far: (the kept bytes, total bytes seen)."""
+        return bytes(self._kept), self.total
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _memfd(name: str, content: str | bytes) -> int:
@@ -252,10 +286,9 @@ class Child:
 
     Popen spawns with vfork (the service's page tables are not copied; uvloop's own spawn forks), and
     the pidfd turns readable when the child exits, so no watcher thread or SIGCHLD handler is needed.
-    stdout and stderr are pipes read as asyncio streams."""
+    stdout and stderr are pipes read by `_Output`."""
 
-    def __init__(self, popen: subprocess.Popen, exited: asyncio.Future, stdout: asyncio.StreamReader,
-                 stderr: asyncio.StreamReader):
+    def __init__(self, popen: subprocess.Popen, exited: asyncio.Future, stdout: _Output, stderr: _Output):
         self._popen = popen
         self._exited = exited
         self.pid = popen.pid
@@ -263,20 +296,35 @@ class Child:
         self.stderr = stderr
 
     @classmethod
-    async def start(cls, command: list[str], *, stdin: object, pass_fds: tuple[int, ...]) -> Child:
+    def start(cls, command: list[str], *, stdin: object, pass_fds: tuple[int, ...], output_limit: int) -> Child:
+        """Spawn `command`; its stdout and stderr are read from now on (see `_Output`), and `close()`
+        releases them."""
         loop = asyncio.get_running_loop()
-        popen = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 pass_fds=pass_fds, start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        pipes = [os.pipe(), os.pipe()]  # stdout, stderr: (read end, write end)
         try:
-            return await cls._watch(loop, popen)
+            popen = subprocess.Popen(command, stdin=stdin, stdout=pipes[0][1], stderr=pipes[1][1], pass_fds=pass_fds,
+                                     start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        except BaseException:
+            for read_fd, _ in pipes:
+                os.close(read_fd)
+            raise
+        finally:
+            for _, write_fd in pipes:
+                os.close(write_fd)
+        stdout, stderr = (_Output(loop, read_fd, output_limit) for read_fd, _ in pipes)
+        try:
+            exited = cls._watch_exit(loop, popen)
         except BaseException:  # never leave a child nobody waits for
+            stdout.close()
+            stderr.close()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(popen.pid, signal.SIGKILL)
-            await asyncio.to_thread(popen.wait)
+            popen.wait()
             raise
+        return cls(popen, exited, stdout, stderr)
 
-    @classmethod
-    async def _watch(cls, loop: asyncio.AbstractEventLoop, popen: subprocess.Popen) -> Child:
+    @staticmethod
+    def _watch_exit(loop: asyncio.AbstractEventLoop, popen: subprocess.Popen) -> asyncio.Future:
         exited: asyncio.Future = loop.create_future()
         pidfd = os.pidfd_open(popen.pid)
 
@@ -288,13 +336,12 @@ class Child:
                 exited.set_result(popen.returncode)
 
         loop.add_reader(pidfd, on_exit)
-        streams = []
-        for pipe in (popen.stdout, popen.stderr):
-            reader = asyncio.StreamReader(loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-            await loop.connect_read_pipe(lambda protocol=protocol: protocol, pipe)
-            streams.append(reader)
-        return cls(popen, exited, *streams)
+        return exited
+
+    def close(self) -> None:
+        """Stop reading the output pipes (what was read stays readable); safe to call more than once."""
+        self.stdout.close()
+        self.stderr.close()
 
     @property
     def returncode(self) -> int | None:
@@ -405,9 +452,9 @@ async def run_sandboxed(
 async def _execute(host: SandboxHost, argv: list[str], toolchain: Toolchain, workspace: str, limits: Limits,
                    stdin_path: str | None, groups: RunGroups | None, uid: int | None) -> _Finished:
     status = _StatusChannel()
+    proc = None
     try:
         proc, started = await _spawn(host, argv, toolchain, workspace, limits, stdin_path, groups, uid, status)
-        readers = [asyncio.create_task(_capture(stream, limits.output_bytes)) for stream in (proc.stdout, proc.stderr)]
         timed_out = False
         try:
             await asyncio.wait_for(proc.wait(), limits.timeout_s)
@@ -421,13 +468,13 @@ async def _execute(host: SandboxHost, argv: list[str], toolchain: Toolchain, wor
         status.poll()
         await _reap(proc, status.child_pid)
         elapsed = time.monotonic() - started
-        done, pending = await asyncio.wait(readers, timeout=_KILL_GRACE_S)
-        for task in pending:
-            task.cancel()
-        stdout, stderr = [task.result() if task in done else (b"", 0) for task in readers]
+        await asyncio.wait((proc.stdout.ended, proc.stderr.ended), timeout=_KILL_GRACE_S)
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
         return_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         return _Finished(timed_out, status.child_pid is not None, return_code, elapsed, stdout, stderr)
     finally:
+        if proc is not None:
+            proc.close()
         status.close()
 
 
@@ -455,8 +502,8 @@ async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, works
     try:
         with open(stdin_path or os.devnull, "rb") as stdin_file:
             started = time.monotonic()
-            proc = await Child.start(command, stdin=stdin_file if groups is None else gate_read,
-                                     pass_fds=tuple(fds.values()))
+            proc = Child.start(command, stdin=stdin_file if groups is None else gate_read,
+                               pass_fds=tuple(fds.values()), output_limit=limits.output_bytes)
     except BaseException:
         if gate_write >= 0:
             os.close(gate_write)
@@ -474,6 +521,7 @@ async def _spawn(host: SandboxHost, argv: list[str], toolchain: Toolchain, works
             os.write(gate_write, b"go\n")
         except BaseException:
             os.close(gate_write)  # the launcher reads end of file and exits without running anything
+            proc.close()
             await proc.wait()
             raise
         os.close(gate_write)

@@ -31,9 +31,12 @@ def test_python_fork_bomb(contained):
 
 
 def test_bash_fork_bomb(contained):
-    response, elapsed = contained(RunCodeRequest(code=":(){ :|:& };:\nwait", language="bash", run_timeout=TIMEOUT_S))
-    # bash gives up once fork keeps failing, so the script may even end on its own; either way the
-    # kernel refused the bomb (RLIMIT_NPROC, or the pids cgroup behind it) and nothing of it is left.
+    # The script itself waits out the timeout: each `:` returns as soon as it has put the next pipeline in
+    # the background, so a script that ended after launching the bomb could end (and take the namespace
+    # down) before a single fork was refused. The kernel refuses the bomb (RLIMIT_NPROC, or the pids
+    # cgroup behind it) and nothing of it is left.
+    response, elapsed = contained(RunCodeRequest(code=":(){ :|:& };:\nsleep 60", language="bash",
+                                                 run_timeout=TIMEOUT_S))
     assert ("fork: retry: Resource temporarily unavailable" in response.run_result.stderr
             or "process limit reached" in response.message)
     assert elapsed < TIMEOUT_S + 5
