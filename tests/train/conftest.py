@@ -6,13 +6,18 @@ import json
 import sysconfig
 from pathlib import Path
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import ConfigDict
 
 from configs import base
 from data.tokenizer import train_sentencepiece
 from data.tokenizers import load_tokenizer
 from train.config import RunConfig, load_run_config
+
+# Compiles shorter than this are not worth a cache file (eager ops); the train steps take seconds.
+MIN_CACHED_COMPILE_S = 0.1
 
 MODULES = ["argparse", "ast", "collections/__init__", "dataclasses", "difflib", "inspect", "json/decoder",
            "pathlib", "shutil", "string", "textwrap", "typing"]
@@ -31,6 +36,34 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     f.write(json.dumps({"text": chunk, "path": f"{name}.py#{i}"}) + "\n")
     train_sentencepiece([t for _, t in texts], root / "tok", vocab_size=512)
     return root
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A persistent XLA compilation cache for this session's training tests, fresh each session."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def compilation_cache_env(cache_dir: Path) -> dict[str, str]:
+    """Environment variables that point a training subprocess at the session's compilation cache."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(MIN_CACHED_COMPILE_S)}
+
+
+@pytest.fixture(scope="package", autouse=True)
+def reuse_compilations(compilation_cache_dir):
+    """Most runs here compile the same small model's train and eval steps (a fresh `jax.jit` per
+    Trainer, so the in-memory cache misses); compiling dominates their time, so reuse compilations
+    through the persistent cache, for this package only."""
+    previous = {name: getattr(jax.config, name) for name in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_S)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def small_run_config(corpus_dir: Path, output_dir: Path, **train_overrides) -> ConfigDict:

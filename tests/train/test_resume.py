@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.conftest import compilation_cache_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG_TEMPLATE = """
@@ -24,15 +26,17 @@ def get_config(arg=""):
     cfg.train.steps = {steps}
     cfg.checkpoint.every = {every}
     cfg.checkpoint.async_save = True
+    cfg.sampler.prompt = ""  # no sample completion at the end: these tests check losses and checkpoints
     return cfg
 """
 
 
-def start(corpus_dir: Path, out: Path, steps: int, every: int) -> subprocess.Popen:
+def start(corpus_dir: Path, out: Path, steps: int, every: int, cache_dir: Path) -> subprocess.Popen:
     config = out.with_suffix(".config.py")
     out.mkdir(parents=True, exist_ok=True)
     config.write_text(CONFIG_TEMPLATE.format(corpus=str(corpus_dir), out=str(out), steps=steps, every=every))
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}  # one CPU device, like a fresh shell
+    # One CPU device, like a fresh shell; a resumed run reuses its first compilation from the cache.
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT), **compilation_cache_env(cache_dir)}
     return subprocess.Popen([sys.executable, "-m", "train.pretrain", f"--config={config}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -61,11 +65,11 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> Non
         time.sleep(0.02)
 
 
-def test_sigkill_then_resume_reproduces_losses_bitwise(corpus_dir, tmp_path):
+def test_sigkill_then_resume_reproduces_losses_bitwise(corpus_dir, tmp_path, compilation_cache_dir):
     steps, every = 24, 8
-    reference = start(corpus_dir, tmp_path / "reference", steps, every)
+    reference = start(corpus_dir, tmp_path / "reference", steps, every, compilation_cache_dir)
     crashed_dir = tmp_path / "crashed"
-    crashed = start(corpus_dir, crashed_dir, steps, every)
+    crashed = start(corpus_dir, crashed_dir, steps, every, compilation_cache_dir)
     # Kill hard once checkpoint 8 is complete and training has moved past it (its steps are lost).
     wait_until(lambda: 8 in finished_checkpoints(crashed_dir) and max(step_losses(crashed_dir), default=0) >= 10, crashed)
     crashed.send_signal(signal.SIGKILL)
@@ -73,7 +77,7 @@ def test_sigkill_then_resume_reproduces_losses_bitwise(corpus_dir, tmp_path):
     assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
     assert max(finished_checkpoints(crashed_dir)) < steps
 
-    resumed = start(corpus_dir, crashed_dir, steps, every)
+    resumed = start(corpus_dir, crashed_dir, steps, every, compilation_cache_dir)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert "resumed from" in output
@@ -82,9 +86,9 @@ def test_sigkill_then_resume_reproduces_losses_bitwise(corpus_dir, tmp_path):
     assert {s: got[s] for s in want} == want  # bitwise: floats compared exactly
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus_dir, tmp_path, compilation_cache_dir):
     out = tmp_path / "preempted"
-    proc = start(corpus_dir, out, steps=200, every=1000)
+    proc = start(corpus_dir, out, steps=200, every=1000, cache_dir=compilation_cache_dir)
     wait_until(lambda: max(step_losses(out), default=0) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]

@@ -5,6 +5,7 @@ checkpoint.allow_changes and are logged; a finished run keeps its summary."""
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 from flax import nnx
@@ -14,7 +15,7 @@ from configs.sharding_rules import DEFAULT_RULES
 from models.decoder import Decoder
 from models.sharding import abstract_with_shardings
 from tests.train.conftest import small_run
-from tests.train.test_trainer import make_task, one_device, train
+from tests.train.test_trainer import MESH_STEPS, STEPS, make_task, one_device, train
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.pretrain import pretrain
@@ -31,11 +32,18 @@ def snapshot(directory):
     return out
 
 
-@pytest.fixture
-def trained(corpus_dir, tokenizer, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "run", train__steps=3, checkpoint__every=3)
+@pytest.fixture(scope="module")
+def trained_once(corpus_dir, tokenizer, tmp_path_factory):
+    run = small_run(corpus_dir, tmp_path_factory.mktemp("resume_rules") / "run", train__steps=STEPS)
     train(run, make_task(run, tokenizer), mesh=one_device())
     return run
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A finished run (its final checkpoint) of its own, to resume: a copy of one trained run."""
+    shutil.copytree(trained_once.train.output_dir, tmp_path / "run")
+    return dataclasses.replace(trained_once, train=dataclasses.replace(trained_once.train, output_dir=str(tmp_path / "run")))
 
 
 def resume(run, tokenizer, **changes):
@@ -79,15 +87,16 @@ def test_optimizer_changes_need_allow_changes_and_are_logged(trained, tokenizer,
     with pytest.raises(ConfigError, match="optim.lr: the run in .* was trained with 0.01, this config has 0.02; .*"
                                           "checkpoint.allow_changes='optim.lr'"):
         resume(trained, tokenizer, optim__lr=0.02)
-    with pytest.raises(ConfigError, match="train.steps: .* trained with 3, this config has 5"):
-        resume(trained, tokenizer, train__steps=5)
-    result = resume(trained, tokenizer, train__steps=5, optim__lr=0.02, checkpoint__allow_changes="train.steps,optim")
-    assert result.step == 5
+    more = STEPS + 2
+    with pytest.raises(ConfigError, match=f"train.steps: .* trained with {STEPS}, this config has {more}"):
+        resume(trained, tokenizer, train__steps=more)
+    result = resume(trained, tokenizer, train__steps=more, optim__lr=0.02, checkpoint__allow_changes="train.steps,optim")
+    assert result.step == more
     err = capsys.readouterr().err
     assert "resume: optim.lr changed from 0.01 to 0.02 (allowed)" in err
-    assert "resume: train.steps changed from 3 to 5 (allowed)" in err
+    assert f"resume: train.steps changed from {STEPS} to {more} (allowed)" in err
     saved = json.loads(open(f"{trained.train.output_dir}/run_config.json").read())
-    assert saved["config"]["train"]["steps"] == 5  # the run now records what it continued with
+    assert saved["config"]["train"]["steps"] == more  # the run now records what it continued with
 
 
 def test_changed_data_stream_is_refused(trained, tokenizer):
@@ -96,7 +105,8 @@ def test_changed_data_stream_is_refused(trained, tokenizer):
 
 
 def test_a_finished_run_keeps_its_summary(corpus_dir, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "done", train__steps=2, train__eval_every=2, train__eval_batches=1)
+    run = small_run(corpus_dir, tmp_path / "done", train__steps=MESH_STEPS, train__eval_every=MESH_STEPS,
+                    train__eval_batches=1)
     run = dataclasses.replace(run, sampler=dataclasses.replace(run.sampler, prompt="def f(", max_new_tokens=2))
     first = pretrain(run)
     assert first["eval_loss"] is not None

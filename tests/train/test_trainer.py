@@ -1,6 +1,10 @@
 """The Trainer in-process: sharded equals single-device, non-finite losses stop with the step named,
 checkpoints restore onto another mesh, hooks run on their schedule, logged throughput excludes
-evaluation, logged losses are window means."""
+evaluation, logged losses are window means.
+
+Runs share their step counts where a test does not need its own (STEPS on one device, MESH_STEPS on
+the default mesh): the step count is compiled into the learning-rate schedule, so runs with equal
+configs reuse one compilation (tests/train/conftest.py keeps a compilation cache)."""
 
 import functools
 import json
@@ -21,6 +25,9 @@ from train.pretrain import data_iterator
 from train.state import init_train_state
 from train.step import next_token_loss
 from train.trainer import NonFiniteLossError, Trainer, TrainTask
+
+STEPS = 20  # on one device: enough to see the loss fall
+MESH_STEPS = 8  # on the default mesh (fsdp over all devices)
 
 
 def make_task(run, tokenizer, data=None):
@@ -45,11 +52,12 @@ def test_sharded_training_matches_one_device(corpus_dir, tokenizer, tmp_path):
     runs = {}
     for name, mesh in [("one", make_mesh({"data": 1}, devices=jax.devices()[:1])),
                        ("fsdp4_tensor2", make_mesh({"fsdp": 4, "tensor": 2}))]:
-        run = small_run(corpus_dir, tmp_path / name, train__steps=20, train__eval_every=20, train__eval_batches=2)
+        run = small_run(corpus_dir, tmp_path / name, train__steps=STEPS, train__eval_every=STEPS,
+                        train__eval_batches=2)
         result = train(run, make_task(run, tokenizer), mesh=mesh)
         runs[name] = (losses(tmp_path / name), result.eval_loss)
     (one, eval_one), (sharded, eval_sharded) = runs["one"], runs["fsdp4_tensor2"]
-    assert len(one) == 20 and one[-1] < one[0] - 1.0, one  # it learns
+    assert len(one) == STEPS and one[-1] < one[0] - 1.0, one  # it learns
     np.testing.assert_allclose(sharded, one, rtol=2e-4)
     assert eval_sharded == pytest.approx(eval_one, rel=2e-4)
 
@@ -76,17 +84,17 @@ class PoisonAt:
 
 
 def test_non_finite_loss_stops_naming_the_step(corpus_dir, tokenizer, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "nan", train__steps=8, train__log_every=4)
+    run = small_run(corpus_dir, tmp_path / "nan", train__steps=MESH_STEPS, train__log_every=4)
     data = PoisonAt(data_iterator(run.data, tokenizer, "train"), at=3)
     with pytest.raises(NonFiniteLossError, match="at step 3 "):
         train(run, make_task(run, tokenizer, data))
 
 
 def test_non_finite_loss_is_skipped_when_configured(corpus_dir, tokenizer, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "skip", train__steps=5, train__on_nonfinite="skip")
+    run = small_run(corpus_dir, tmp_path / "skip", train__steps=MESH_STEPS, train__on_nonfinite="skip")
     data = PoisonAt(data_iterator(run.data, tokenizer, "train"), at=2)
     result = train(run, make_task(run, tokenizer, data))
-    assert int(result.state.nonfinite_steps) == 1 and result.step == 5
+    assert int(result.state.nonfinite_steps) == 1 and result.step == MESH_STEPS
     assert all(np.isfinite(jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x).sum(), result.state.params))))
 
 
@@ -136,7 +144,7 @@ def test_metrics_are_written_as_jsonl_tensorboard_and_a_png(tmp_path):
 
 
 def test_trained_model_loads_from_its_run_directory(corpus_dir, tokenizer, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "run", train__steps=3)
+    run = small_run(corpus_dir, tmp_path / "run", train__steps=MESH_STEPS)
     result = train(run, make_task(run, tokenizer))
     trained = nnx.merge(result.graphdef, result.state.params, result.state.rest)
     model, loaded_tokenizer = load_trained_model(tmp_path / "run", mesh=make_mesh({"fsdp": 2, "tensor": 4}))
@@ -150,7 +158,7 @@ def one_device():
 
 
 def test_hooks_run_on_their_schedule_and_can_stop_the_run(corpus_dir, tokenizer, tmp_path):
-    run = small_run(corpus_dir, tmp_path / "hooks", train__steps=10)
+    run = small_run(corpus_dir, tmp_path / "hooks", train__steps=STEPS)
     trainer = Trainer(run, make_task(run, tokenizer), mesh=one_device())
     seen, at_end = [], []
     trainer.add_hook(lambda info: seen.append(info.step), every=3, at_end=False)
@@ -172,7 +180,7 @@ class FakeClock:
 def test_tokens_per_second_excludes_evaluation_at_any_interval(corpus_dir, tokenizer, tmp_path):
     """Each step costs 1 s and each evaluation 50 s of the fake clock; eval_every=3 is not a multiple
     of log_every=2, the case that inflated tokens/s 2x: every window must report 1 s per step."""
-    run = small_run(corpus_dir, tmp_path / "timing", train__steps=12, train__log_every=2, train__eval_every=3,
+    run = small_run(corpus_dir, tmp_path / "timing", train__steps=STEPS, train__log_every=2, train__eval_every=3,
                     train__eval_batches=1)
     clock = FakeClock()
     task = make_task(run, tokenizer)
@@ -192,16 +200,17 @@ def test_tokens_per_second_excludes_evaluation_at_any_interval(corpus_dir, token
     Trainer(run, task, mesh=one_device(), clock=clock).run()
     records = [json.loads(line) for line in (tmp_path / "timing" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
-    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in train_records] == list(range(2, STEPS + 1, 2))
     assert all(r["step_time_s"] == pytest.approx(1.0) for r in train_records), train_records
     assert all(r["tokens_per_sec"] == pytest.approx(8 * 64) for r in train_records)
-    assert len([r for r in records if r["split"] == "eval"]) == 4
+    assert [r["step"] for r in records if r["split"] == "eval"] == [*range(3, STEPS + 1, 3), STEPS]  # and at the end
 
 
 def test_logged_loss_is_the_mean_over_the_window(corpus_dir, tokenizer, tmp_path):
-    per_step = small_run(corpus_dir, tmp_path / "every", train__steps=6, train__log_every=1)
-    windowed = small_run(corpus_dir, tmp_path / "window", train__steps=6, train__log_every=3)
+    per_step = small_run(corpus_dir, tmp_path / "every", train__steps=STEPS, train__log_every=1)
+    windowed = small_run(corpus_dir, tmp_path / "window", train__steps=STEPS, train__log_every=3)
     train(per_step, make_task(per_step, tokenizer), mesh=one_device())
     train(windowed, make_task(windowed, tokenizer), mesh=one_device())
     each, window = losses(tmp_path / "every"), losses(tmp_path / "window")
-    np.testing.assert_allclose(window, [np.mean(each[:3]), np.mean(each[3:])], rtol=1e-6)
+    # Windows of 3 steps, and the last, shorter one ends with the run.
+    np.testing.assert_allclose(window, [np.mean(each[i:i + 3]) for i in range(0, STEPS, 3)], rtol=1e-6)
