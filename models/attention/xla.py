@@ -155,8 +155,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionM
     the per-chunk products need no transposes. The backward pass (a custom VJP) keeps the output and
     each query's log-sum-exp and recomputes each chunk's probabilities from q and k, rather than
     keeping them all (under the layer scan, every layer's [T, S] probabilities were a stacked,
-    zero-filled buffer). Each chunk's scores over its keys exist at once: memory grows as
-    query_chunk * S; see `blockwise_attention` for long rows.
+    zero-filled buffer). The chunks are unrolled and XLA keeps several chunks' score blocks live at
+    once: scratch still grows as T * S; see `blockwise_attention` for long rows.
     """
     t, s, kv_heads = q.shape[1], k.shape[1], k.shape[2]
     bounds = tuple((start, min(start + query_chunk, t), *key_range(mask, start, min(start + query_chunk, t), s))

@@ -229,7 +229,7 @@ def test_blockwise_memory_is_linear_in_length():
 
 @pytest.mark.slow
 def test_chunked_memory_grows_faster_than_blockwise():
-    """The chunked kernel keeps every chunk's scores over its keys for the backward pass: ~T^2."""
+    """The chunked kernel's unrolled chunks keep their [query_chunk, S] score blocks live together: ~T^2."""
     chunked, blockwise = _temp_bytes(chunked_attention, 4096), _temp_bytes(blockwise_attention, 4096)
     assert chunked > 4 * blockwise, (chunked, blockwise)
 
