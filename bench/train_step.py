@@ -48,9 +48,12 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str
 
 
 def time_train_step(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq: int, steps: int, warmup: int,
-                    trainable: Any = nnx.Param) -> tuple[float, list[float], dict[str, Any]]:
+                    trainable: Any = nnx.Param, cpu_times: list[float] | None = None
+                    ) -> tuple[float, list[float], dict[str, Any]]:
     """Runs the jitted train step (AdamW over `trainable`, donated state) of `cfg` on `mesh` on one
-    synthetic batch: (compile + first step seconds, per-step seconds after `warmup`, last metrics)."""
+    synthetic batch: (compile + first step seconds, per-step seconds after `warmup`, last metrics).
+    `cpu_times`, when given, gets each timed step's process CPU seconds (all threads) appended: on a
+    shared machine, less sensitive to other work than the wall time."""
     optim = base.get_config().optim
     graphdef, state, tx, shardings = init_train_state(
         lambda: Decoder(cfg, rngs=nnx.Rngs(0)), lambda p: make_optimizer(optim, 1000, p)[0], mesh, rules,
@@ -69,10 +72,12 @@ def time_train_step(cfg: ModelConfig, mesh: Mesh, rules: Any, *, batch: int, seq
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             state, metrics = step(state, inputs)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - cpu_start)
     return compile_s, times, metrics
 
 

@@ -8,8 +8,10 @@ AdamW: codelm's jitted shared train step (`bench.train_step.time_train_step`, do
 `transformers.LlamaForCausalLM` (its default SDPA attention) with `torch.optim.AdamW`, forward +
 backward + update per step. Each measurement runs in a fresh process and the two alternate round by
 round (codelm, torch, codelm, torch, ...), so load from other work on a shared machine falls on both;
-the ratio is of the medians over rounds. Prints one JSON object with the per-round figures, the
-medians, the ratio and the 1-minute load average before and after.
+the ratio is of the medians over rounds. Each side also reports its process CPU seconds per step
+(all threads; median over rounds): their ratio, as tokens per CPU second of codelm over torch, is
+distorted less by other work on a shared machine than the wall-clock one. Prints one JSON object
+with the per-round figures, the medians, the ratios and the 1-minute load average before and after.
 
 Shapes:
   reference   vocab 8192 untied, d_model 256, SwiGLU 704, 4 layers, 8 heads / 4 KV heads, RMSNorm,
@@ -53,10 +55,12 @@ def run_codelm(shape: dict[str, Any], steps: int, warmup: int, overrides: dict[s
     cfg = ModelConfig(name="bench", **_model_fields(shape), norm_eps=NORM_EPS, rope_theta=ROPE_THETA,
                       max_seq_len=shape["seq"], dtype="float32", param_dtype="float32", remat="none")
     cfg = cfg.replace(**overrides)
+    cpu_times: list[float] = []
     compile_s, times, metrics = time_train_step(cfg, make_mesh({"fsdp": -1}), RULE_SETS["default"],
-                                                batch=shape["batch"], seq=shape["seq"], steps=steps, warmup=warmup)
+                                                batch=shape["batch"], seq=shape["seq"], steps=steps, warmup=warmup,
+                                                cpu_times=cpu_times)
     return {"params": cfg.param_count(), "compile_plus_first_step_s": round(compile_s, 2), "step_times_s": times,
-            "final_loss": float(metrics["loss"])}
+            "step_cpu_s": cpu_times, "final_loss": float(metrics["loss"])}
 
 
 def run_torch(shape: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
@@ -88,13 +92,15 @@ def run_torch(shape: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     first_s = time.perf_counter() - start
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {"params": sum(p.numel() for p in model.parameters()), "compile_plus_first_step_s": round(first_s, 2),
-            "step_times_s": times, "final_loss": loss, "torch_threads": torch.get_num_threads()}
+            "step_times_s": times, "step_cpu_s": cpu_times, "final_loss": loss,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -121,6 +127,7 @@ def _summary(runs: list[dict[str, Any]], tokens_per_step: int) -> dict[str, Any]
         "tokens_per_sec": round(float(np.median(per_round)), 1),
         "tokens_per_sec_per_round": [round(x, 1) for x in per_round],
         "step_time_s": round(tokens_per_step / float(np.median(per_round)), 4),
+        "step_cpu_s": round(float(np.median([np.median(r["step_cpu_s"]) for r in runs])), 4),
         "compile_plus_first_step_s": runs[-1]["compile_plus_first_step_s"],
         "params": runs[-1]["params"],
         "final_loss": round(runs[-1]["final_loss"], 4),
@@ -158,6 +165,7 @@ def main() -> None:
         "codelm": codelm,
         "torch": {**torch_, "threads": runs["torch"][-1]["torch_threads"]},
         "ratio_codelm_over_torch": round(codelm["tokens_per_sec"] / torch_["tokens_per_sec"], 3),
+        "cpu_ratio_codelm_over_torch": round(torch_["step_cpu_s"] / codelm["step_cpu_s"], 3),
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "cpus": os.cpu_count(),
     }, indent=2))
