@@ -12,7 +12,7 @@ import pytest
 
 from configs.sft import base as sft_base
 from tests.train.conftest import small_run
-from tests.train.test_trainer import make_task, one_device, train
+from tests.train.test_trainer import STEPS, make_task, one_device, train
 from train.sft import finetune, load_sft_config
 
 PAIRS = [{"prompt": f"def f{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n", "completion": f"    return x + {i}\n"}
@@ -24,7 +24,7 @@ CHATS = [{"messages": [{"role": "user", "content": f"Multiply by {i}."},
 @pytest.fixture(scope="module")
 def pretrained(corpus_dir, tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrained") / "run"
-    run = small_run(corpus_dir, out, train__steps=2)
+    run = small_run(corpus_dir, out, train__steps=STEPS)  # compiled as test_trainer's one-device runs
     train(run, make_task(run, tokenizer), mesh=one_device())
     return out
 
