@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.train.conftest import compilation_cache_env
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 10, 4
 
@@ -41,13 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(corpus_dir: Path, out: Path, processes: int) -> list[subprocess.Popen]:
-    """`processes` training processes with 8 / processes CPU devices each, as launch/local_multiprocess.sh."""
+def launch(corpus_dir: Path, out: Path, processes: int, cache_dir: Path) -> list[subprocess.Popen]:
+    """`processes` training processes with 8 / processes CPU devices each, as launch/local_multiprocess.sh;
+    they share the compilation cache `cache_dir` (a resumed run does not compile again)."""
     config = out.with_suffix(".config.py")
     config.write_text(CONFIG.format(corpus=str(corpus_dir), out=str(out), steps=STEPS, every=EVERY))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}", **compilation_cache_env(cache_dir))
     if processes > 1:
         base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
     return [
@@ -78,12 +81,12 @@ def checkpoints(out: Path) -> set[int]:
     return {int(p.name) for p in directory.iterdir() if p.name.isdigit()} if directory.exists() else set()
 
 
-def test_two_processes_killed_and_resumed_match_one_process(corpus_dir, tmp_path):
+def test_two_processes_killed_and_resumed_match_one_process(corpus_dir, tmp_path, compilation_cache_dir):
     reference = tmp_path / "one_process"
-    finish(launch(corpus_dir, reference, processes=1))
+    finish(launch(corpus_dir, reference, processes=1, cache_dir=compilation_cache_dir))
 
     run = tmp_path / "two_processes"
-    procs = launch(corpus_dir, run, processes=2)
+    procs = launch(corpus_dir, run, processes=2, cache_dir=compilation_cache_dir)
     deadline = time.monotonic() + 600
     while not (EVERY in checkpoints(run) and max(losses(run), default=0) > EVERY):
         assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
@@ -94,7 +97,7 @@ def test_two_processes_killed_and_resumed_match_one_process(corpus_dir, tmp_path
         proc.wait()
     assert max(checkpoints(run)) < STEPS
 
-    output = finish(launch(corpus_dir, run, processes=2))
+    output = finish(launch(corpus_dir, run, processes=2, cache_dir=compilation_cache_dir))
     assert "resumed from" in output and "mesh {'data': 1, 'fsdp': 8" in output
     want, got = losses(reference), losses(run)
     assert sorted(want) == list(range(1, STEPS + 1))
