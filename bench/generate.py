@@ -4,9 +4,10 @@ workloads, same machine, one run.
     python -m bench.generate                                  # tiny Llama, CPU: ~5 minutes
     python -m bench.generate --workloads=decode --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256
     python -m bench.generate --workloads=profile --profile_out=results/sampler_profile   # per-op decode step
+    taskset -c 0 python -m bench.generate --workloads=ab --ab_base=HEAD                 # this checkout vs HEAD
 
 A random model of `--family` is built with transformers, saved as an HF checkpoint and imported into
-codelm (so both run identical float32 weights). Two workloads (`--workloads`):
+codelm (so both run identical float32 weights). Workloads (`--workloads`):
 
 decode  `--batch` prompts of random tokens, lengths drawn from [prompt_len / 2, prompt_len], greedy,
         exactly `--new_tokens` new tokens each (no EOS). Prefill tokens/s = real prompt tokens /
@@ -22,6 +23,13 @@ rl      RL rollouts: `--rl_prompts` prompts x `--rl_samples` samples each (tempe
         distribution is reported. samples/s = prompts x samples / wall time of the whole call;
         transformers runs `generate(num_return_sequences=samples)` over all prompts at once.
 
+ab      Before / after a sampler change: the decode workload's sampler as of git `--ab_base` (A, from a
+        `git archive` of configs/, data/, models/ imported beside this checkout's) against this
+        checkout's (B), same weights and prompts, `--ab_rounds` calls each, interleaved (A B, B A, ...)
+        in one process, so that the machine's load hits both alike: process CPU and wall seconds in
+        the decode programs (and the per-call weight cut) per decode step (medians), B / A, and whether
+        the greedy tokens agree. CPU seconds are the load-robust figure (under `taskset -c 0` they are
+        the work; with both cores they also count the threads' parallel work and spinning).
 profile Where a decode step's time goes: the decode workload (`--profile_sampling=greedy`) or the RL
         workload's sampling (`temperature`), one codelm call under `jax.profiler`; every XLA:CPU thunk
         event of the decode loop is matched to its instruction in the compiled HLO and put in a
@@ -41,10 +49,13 @@ import argparse
 import collections
 import glob
 import gzip
+import importlib
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -235,6 +246,92 @@ def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str)
     }
 
 
+# ---- A/B of the decode program ----------------------------------------------------------------------------
+
+SNAPSHOT_PACKAGES = ("configs", "data", "models")  # what the sampler imports of the repository
+
+
+def snapshot_modules(ref: str, directory: str) -> tuple[Any, Callable[..., Any]]:
+    """(models.sampler, models.hf.load_hf_checkpoint) as of git `ref`, imported from a `git archive` of
+    it into `directory` under their own names; this checkout's modules are back in sys.modules after
+    (the snapshot's keep theirs: dense models only, as MoE blocks import models.moe lazily)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", ref, *SNAPSHOT_PACKAGES], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+
+    def ours() -> dict[str, Any]:
+        return {name: module for name, module in sys.modules.items() if name.split(".")[0] in SNAPSHOT_PACKAGES}
+
+    saved = ours()
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, directory)
+    try:
+        module, hf = importlib.import_module("models.sampler"), importlib.import_module("models.hf")
+    finally:
+        sys.path.remove(directory)
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(saved)
+    return module, hf.load_hf_checkpoint
+
+
+def timed_decode_calls(module: Any, load: Callable[..., Any], directory: str, prompts: list[list[int]],
+                       new_tokens: int) -> Callable[[], tuple[float, float, list[list[int]]]]:
+    """A `generate` call of `module`'s Sampler (compiled here) -> (process CPU ms, wall ms inside its
+    decode programs per decode step, tokens). The decode programs: `_decode`, and `_cut_layers` (the
+    per-call weight cut) where the sampler has it."""
+    sampler = module.Sampler(load(directory, remat="none"), max_len=max(map(len, prompts)) + new_tokens)
+    spent = {"cpu": 0.0, "wall": 0.0}
+
+    def counted(program: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            cpu, wall = time.process_time(), time.perf_counter()
+            out = jax.block_until_ready(program(*args, **kwargs))
+            spent["cpu"] += time.process_time() - cpu
+            spent["wall"] += time.perf_counter() - wall
+            return out
+
+        return run
+
+    for name in ("_decode", "_cut_layers"):
+        if hasattr(module, name):
+            setattr(module, name, counted(getattr(module, name)))
+
+    def call() -> tuple[float, float, list[list[int]]]:
+        spent["cpu"] = spent["wall"] = 0.0
+        out = sampler.generate(prompts, new_tokens)
+        steps = out.timing["decode_steps"]
+        return spent["cpu"] / steps * 1e3, spent["wall"] / steps * 1e3, out.tokens
+
+    call()  # compiles
+    return call
+
+
+def ab_workload(args: argparse.Namespace, shape: dict[str, int], directory: str) -> dict[str, Any]:
+    hf_model = reference.random_model(args.family, **shape)
+    hf_model.save_pretrained(directory)
+    prompts = make_prompts(args.batch, args.prompt_len, args.vocab)
+    with tempfile.TemporaryDirectory() as tree:
+        calls = {"A": timed_decode_calls(*snapshot_modules(args.ab_base, tree), directory, prompts, args.new_tokens),
+                 "B": timed_decode_calls(sampler_module, load_hf_checkpoint, directory, prompts, args.new_tokens)}
+    figures: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+    tokens = {}
+    for round_ in range(args.ab_rounds):
+        for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
+            cpu, wall, tokens[name] = calls[name]()
+            figures[name].append((cpu, wall))
+    medians = {name: np.median(np.asarray(f), axis=0) for name, f in figures.items()}
+    return {
+        "workload": {"batch": args.batch, "new_tokens_per_sequence": args.new_tokens, "rounds": args.ab_rounds,
+                     "A": f"git {args.ab_base}", "B": "this checkout"},
+        **{name: {"decode_cpu_ms_per_step": float(m[0]), "decode_wall_ms_per_step": float(m[1]),
+                  "runs_cpu_wall_ms": [[round(c, 3), round(w, 3)] for c, w in figures[name]]} for name, m in medians.items()},
+        "ratio_b_over_a": {"cpu": float(medians["B"][0] / medians["A"][0]), "wall": float(medians["B"][1] / medians["A"][1])},
+        "greedy_tokens_identical": tokens["A"] == tokens["B"],
+    }
+
+
 # ---- profile of the decode step --------------------------------------------------------------------------
 
 PROFILE_CATEGORIES = ("LM head", "attention", "cache reads (window copies)", "cache windows (cut / written back per loop)",
@@ -360,6 +457,8 @@ def main() -> None:
     parser.add_argument("--rl_new_tokens", type=int, default=128)
     parser.add_argument("--rl_eos_every", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ab_base", default="HEAD", help="git ref of the A sampler (--workloads=ab)")
+    parser.add_argument("--ab_rounds", type=int, default=6)
     parser.add_argument("--profile_sampling", default="greedy", choices=("greedy", "temperature"))
     parser.add_argument("--profile_top", type=int, default=25)
     parser.add_argument("--profile_out", default="", help="folder for profile_<sampling>.json and .md")
@@ -380,7 +479,7 @@ def main() -> None:
     }
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as directory:
-            report[name] = {"decode": decode_workload, "rl": rl_workload, "profile": profile_workload}[name](args, shape, directory)
+            report[name] = {"decode": decode_workload, "rl": rl_workload, "ab": ab_workload, "profile": profile_workload}[name](args, shape, directory)
     report["load_average_at_end"] = os.getloadavg()[0]
     if "profile" in report and args.profile_out:
         out = Path(args.profile_out)

@@ -196,15 +196,28 @@ def window_bucket(n: int, minimum: int, limit: int) -> int:
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """x [R, V] -> [R] int32: the first index of each row's maximum, as `jnp.argmax`.
+    """x [R, V] -> [R] int32: the first index of each row's maximum, as `jnp.argmax`."""
+    return max_and_first_argmax(x)[1]
 
-    Two plain reductions (the maximum, then the least index holding it): XLA:CPU runs argmax as one
-    variadic (value, index) reduction that it does not vectorise, ~40x slower over an 8192 vocabulary
-    (results/sampler_profile)."""
-    size = x.shape[-1]
-    best = jnp.max(x, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(x == best, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
-    return jnp.minimum(first, size - 1)  # a row of NaNs has no maximum
+
+def max_and_first_argmax(x: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """x [R, V] -> (each row's maximum [R], the first index holding it [R] int32, as `jnp.argmax`).
+
+    Plain reductions over blocks of `block` entries: the blocks' maxima (one pass over x), the
+    first block holding the row's maximum, then the first entry of that block holding it. XLA:CPU
+    runs argmax as one variadic (value, index) reduction that it does not vectorise, ~40x slower
+    over an 8192 vocabulary (results/sampler_profile); a maximum, then an index pass over the whole
+    row costs one more pass over [R, V] than the blocks."""
+    rows, size = x.shape
+    blocks = jnp.pad(x, ((0, 0), (0, -size % block)), constant_values=-jnp.inf).reshape(rows, -1, block)
+    block_max = jnp.max(blocks, axis=-1)  # [R, V / block]
+    top = jnp.max(block_max, axis=-1)
+    count = block_max.shape[1]
+    first = jnp.min(jnp.where(block_max == top[:, None], jnp.arange(count, dtype=jnp.int32), count), axis=-1)
+    first = jnp.minimum(first, count - 1)  # a row of NaNs has no maximum
+    within = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [R, block]
+    offset = jnp.min(jnp.where(within == top[:, None], jnp.arange(block, dtype=jnp.int32), block), axis=-1)
+    return top, jnp.minimum(first * block + offset, size - 1)
 
 
 def inverse_cdf_sample(logits: jax.Array, uniform: jax.Array, block: int = 128) -> jax.Array:
@@ -243,11 +256,10 @@ def sample_tokens(
     Log-probabilities are logit - log Z from one log-partition per row (no [R, V] log-softmax array).
     """
     scaled = logits if mode.greedy else logits / temperature
-    top = jnp.max(scaled, axis=-1)
-    log_z = top + jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))
     if mode.greedy:
-        token = first_argmax(scaled)
+        top, token = max_and_first_argmax(scaled)
     else:
+        top = jnp.max(scaled, axis=-1)
         uniform = jax.vmap(lambda key, step: jax.random.uniform(jax.random.fold_in(key, step)))(keys, steps)
         values, indices = scaled, None
         if mode.top_k or mode.top_p:
@@ -259,7 +271,12 @@ def sample_tokens(
         choice = inverse_cdf_sample(values, uniform)
         token = choice if indices is None else jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
         token = token.astype(jnp.int32)
-    token_logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
+    log_mass = jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))  # log Z - max
+    log_z = top + log_mass
+    if mode.greedy:  # the token holds the maximum
+        token_logp = -log_mass
+    else:
+        token_logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
     top_values, top_ids = jax.lax.top_k(scaled, mode.logprobs_top_k)
     return token, token_logp, top_ids.astype(jnp.int32), top_values - log_z[:, None]
 
@@ -326,7 +343,8 @@ def unrolled(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, n
 
     For the decode loop: a scan over stacked weights slices (copies) every layer's weights at every
     step, and XLA does not hoist those slices out of the loop (~8% of a CPU decode step of the
-    `tiny` shape, results/sampler_profile); cut once before the loop, each step reads them in place.
+    `tiny` shape, results/sampler_profile); cut once per `generate` call (`_cut_layers`), before the
+    decode loops, each step reads them in place.
     """
     cfg = nnx.merge(graphdef, params).cfg
     if not cfg.scan_layers:
@@ -339,6 +357,13 @@ def unrolled(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, n
         value = stacked[source].get_value()
         leaves.append((path, variable.replace(value if layer is None else value[layer])))
     return twin_graphdef, nnx.from_flat_state(leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "placement"))
+def _cut_layers(graphdef: nnx.GraphDef, params: nnx.State, *, placement: Placement) -> nnx.State:
+    """`unrolled`'s parameters (the graph is `_unrolled_twin`'s): once per `generate` call."""
+    with placement.context():
+        return unrolled(graphdef, params)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows", "cache_len", "budget", "cache_dtype", "top_k", "placement"))
@@ -449,15 +474,13 @@ def _decode(
     rows are done (one device loop, no host round trips). Attention reads cache slots [0, window):
     every unfinished row's position must stay below `window` for `max_steps` steps.
 
-    The loop runs the model with its layers unrolled (`unrolled`), the per-layer weights cut from the
-    stacked ones once, before the loop, and carries one cache buffer per layer holding slots [0,
-    window) only (`_layer_windows`, written back after the loop): each step reads and writes every
-    layer's buffer in place. The parameters ride in the loop carry unchanged: NNX modules must be
-    built from values of the trace they run in, and XLA passes loop-invariant carries through
-    without copies.
+    (graphdef, params) is the model with its layers unrolled (`unrolled`: per-layer weights, cut from
+    the stacked ones once per `generate` call, `_Run`), so that each step reads every layer's weights
+    in place; the loop carries one cache buffer per layer holding slots [0, window) only
+    (`_layer_windows`, written back after the loop): each step reads and writes every layer's buffer
+    in place. The parameters ride in the loop carry unchanged: NNX modules must be built from values
+    of the trace they run in, and XLA passes loop-invariant carries through without copies.
     """
-    graphdef, params = unrolled(graphdef, params)
-    params = jax.lax.optimization_barrier(params)  # else XLA sinks the cuts back into the loop body
     rows, budget = state.tokens.shape
     cache, state = state.cache, state._replace(cache={})
     Loop = tuple[nnx.State, DecodeState, dict[str, tuple[KVCache, ...]], jax.Array]
@@ -820,6 +843,12 @@ class _Run:
         self.cache_len = prompt_len + budget
         self.timing = dict(prefill_seconds=0.0, decode_seconds=0.0, prompt_tokens=0.0, generated_tokens=0.0,
                            decode_steps=0.0, rows=float(rows), row_steps=0.0, shrinks=0.0)
+        self.decode_graphdef, self.decode_params = sampler.graphdef, params  # the unrolled model `_decode` runs
+        if sampler.cfg.scan_layers:  # cut once per call (counted as decode time)
+            start = time.perf_counter()
+            self.decode_graphdef = _unrolled_twin(sampler.cfg)[0]
+            self.decode_params = jax.block_until_ready(_cut_layers(sampler.graphdef, params, placement=sampler.placement))
+            self.timing["decode_seconds"] += time.perf_counter() - start
 
     def loop(self) -> list[_Result]:
         s = self.s
@@ -847,7 +876,7 @@ class _Run:
                 target = min(self.rows, self.rows - len(busy) + max(1, self.rows // 8))
             else:  # the drain tail: shrink the batch once half of it is free, if it can shrink
                 target = self.rows - self.rows // 2 if self._drain_rows(self.rows // 2) < self.rows else self.rows
-            state = _decode(s.graphdef, self.params, state, jnp.int32(chunk), jnp.int32(target), **self.scalars,
+            state = _decode(self.decode_graphdef, self.decode_params, state, jnp.int32(chunk), jnp.int32(target), **self.scalars,
                             mode=self.mode, window=window, placement=s.placement)
             done, steps, iterations = jax.device_get((state.done, state.steps, state.iterations))
             self.timing["row_steps"] += float(self.rows * (iterations - self.timing["decode_steps"]))

@@ -17,7 +17,15 @@ from models import sampler as sampler_module
 from models.config import MoEConfig, get_preset
 from models.decoder import Decoder
 from models.layers import slot_attention
-from models.sampler import Sampler, bucket, first_argmax, inverse_cdf_sample, unrolled, window_bucket
+from models.sampler import (
+    Sampler,
+    bucket,
+    first_argmax,
+    inverse_cdf_sample,
+    max_and_first_argmax,
+    unrolled,
+    window_bucket,
+)
 from models.sharding import create_sharded, make_mesh
 
 VOCAB = 128
@@ -293,12 +301,17 @@ def test_evals_generator_samples_groups_from_one_call(tmp_path):
     assert texts == [expected[:3], expected[3:]] and len(set(texts[0])) > 1
 
 
-def test_first_argmax_is_argmax_with_ties():
+@pytest.mark.parametrize("block", [128, 7])  # 300 entries: ragged (padded) last block
+def test_first_argmax_is_argmax_with_ties(block):
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many ties: the first index wins
+    x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many ties, in and across blocks: the first index wins
+    x[5, :] = -np.inf
     x[3] = np.nan
-    assert (np.asarray(first_argmax(jnp.asarray(x)))[np.arange(64) != 3] == np.argmax(x, axis=-1)[np.arange(64) != 3]).all()
-    assert 0 <= int(first_argmax(jnp.asarray(x))[3]) < 300
+    top, index = map(np.asarray, max_and_first_argmax(jnp.asarray(x), block))
+    rows = np.arange(64) != 3
+    assert (index[rows] == np.argmax(x, axis=-1)[rows]).all() and (top[rows] == x[rows].max(axis=-1)).all()
+    assert (np.asarray(first_argmax(jnp.asarray(x)))[rows] == index[rows]).all()
+    assert 0 <= int(index[3]) < 300
 
 
 @pytest.mark.parametrize("size", [300, 8])  # several blocks with a ragged last one; one padded block
