@@ -11,6 +11,9 @@ builds the blocks it computes. Each kernel lists the platforms it runs on (None:
     cudnn      GPU, jax.nn.dot_product_attention's cuDNN kernel where its mask arguments fit, else
                blockwise (models/attention/cudnn.py)
     splash     TPU, JAX's Pallas splash-attention kernel (models/attention/splash.py)
+    tokamax    GPU, tokamax's Pallas flash kernels (Mosaic GPU on Hopper/Blackwell, else Triton) with the mask
+               as per-query key ranges: packed rows, windows, soft-cap, context shards; blockwise for the
+               rest (models/attention/tokamax.py)
     ring       blockwise, with context parallelism by K/V blocks passed round a ring of devices instead
                of all-gathered (models/attention/parallel.py); no attention sinks
 
@@ -30,6 +33,7 @@ from models.attention.cudnn import cudnn_attention
 from models.attention.mask import AttentionMask, attention_mask, soft_cap, visible
 from models.attention.parallel import ring_attention, sharded_attention
 from models.attention.splash import splash_attention
+from models.attention.tokamax import tokamax_attention
 from models.attention.xla import QUERY_CHUNK, chunked_attention, reference_attention
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionMask], jax.Array]
@@ -58,6 +62,7 @@ ATTENTION_KERNELS: dict[str, Kernel] = {
     "blockwise": Kernel(blockwise_attention),
     "cudnn": Kernel(cudnn_attention, ("gpu",)),
     "splash": Kernel(splash_attention, ("tpu",), manual=True),
+    "tokamax": Kernel(tokamax_attention, ("gpu",), manual=True),
     "ring": Kernel(ring_attention, distributes_itself=True),
 }
 
@@ -90,5 +95,6 @@ def attention_kernel(name: str) -> AttentionFn:
 __all__ = [
     "ATTENTION_KERNELS", "LONG_SEQUENCE", "QUERY_CHUNK", "AttentionFn", "AttentionMask", "Kernel", "attention_kernel",
     "attention_mask", "available_attention_kernels", "blockwise_attention", "chunked_attention", "cudnn_attention", "reference_attention",
-    "register_attention_kernel", "ring_attention", "sharded_attention", "soft_cap", "splash_attention", "visible", "xla_attention",
+    "register_attention_kernel", "ring_attention", "sharded_attention", "soft_cap", "splash_attention", "tokamax_attention", "visible",
+    "xla_attention",
 ]
