@@ -294,10 +294,18 @@ class Attention(nnx.Module):
         """q [B, T, N, H], k/v [B, S, K, H] -> output projection [B, T, D]."""
         return self._output(attention_kernel(self.cfg.attention_impl)(q, k, v, mask), dtype)
 
-    def _output(self, out: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        """Attention output [B, T, N, H] -> [B, T, D]."""
+    def _output(self, out: jax.Array, dtype: jnp.dtype, flat: bool = False) -> jax.Array:
+        """Attention output [B, T, N, H] -> [B, T, D].
+
+        flat (the decode path): one [B T, N H] x [N H, D] matmul. In the decode loop XLA:CPU lays the
+        einsum's operands out so that it transposes o_proj at every step (a [N H, D] copy per layer
+        and step, results/sampler_profile); the flat matmul reads o_proj in place."""
         out = constrain(out, ("batch", "activation_length", "activation_heads", None))
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+        if flat:
+            b, t, n, h = out.shape
+            y = (out.reshape(b * t, n * h) @ self.o_proj[...].astype(dtype).reshape(n * h, -1)).reshape(b, t, -1)
+        else:
+            y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
         y = with_adapter(self, "o_proj", out, y)
         if self.cfg.out_bias:
             y = y + self.o_bias[...].astype(dtype)
@@ -355,7 +363,7 @@ class Attention(nnx.Module):
         if self.window:
             mask &= positions[:, :, None] - slots < self.window
         out = slot_attention(q, read(write_k), read(write_v), mask, self.cfg.attn_logit_softcap, self._sinks())
-        return self._output(out, x.dtype), KVCache(write_k, write_v)
+        return self._output(out, x.dtype, flat=True), KVCache(write_k, write_v)
 
 
 # ---- feed-forward ----------------------------------------------------------------------------------
