@@ -2,20 +2,14 @@
 values and gradients, run through tokamax's XLA ops: the Pallas GPU kernels (Mosaic, Triton) cannot
 run here, and Triton's does not run in Pallas interpret mode on CPU (see models/attention/tokamax.py)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs.sharding_rules import DEFAULT_RULES
-from models.attention import reference_attention, sharded_attention
 from models.attention import tokamax as tokamax_kernel
 from models.attention.tokamax import document_starts, fits, key_ranges, tokamax_attention
-from models.sharding import make_mesh, sharding_context
 from tests.models.test_attention_kernels import assert_matches_reference, make_case, unpacked_case
 
 CASES = {  # make_case arguments: row 0 packs three documents then padding, row 1 is one document
@@ -99,24 +93,3 @@ def test_routes_what_tokamax_cannot_express_to_blockwise(monkeypatch):
     assert len(calls) == 2
     jax.eval_shape(lambda q: tokamax_attention(q, k, v, mask, implementation="xla"), q)
     assert len(calls) == 2
-
-
-@pytest.mark.slow
-def test_context_parallel_shards_equal_the_reference():
-    """Registered like splash (`manual`: a Pallas kernel sees per-device shards), each of 4 sequence
-    shards attends with its traced offset over the all-gathered keys: outputs and gradients equal the
-    unsharded reference on packed rows whose documents cross shard boundaries."""
-    mesh = make_mesh({"sequence": 4, "fsdp": 2})
-    q, k, v, mask = make_case(t=32, window=6)
-    attend = functools.partial(sharded_attention, functools.partial(tokamax_attention, implementation="xla"), manual=True)
-
-    def loss(q, k, v, attend):
-        return jnp.sum(jnp.sin(attend(q, k, v, mask)))
-
-    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, reference_attention)
-    split = NamedSharding(mesh, P("fsdp", "sequence"))
-    with sharding_context(mesh, DEFAULT_RULES):
-        run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-        got = run(*(jax.device_put(x, split) for x in (q, k, v)), attend)
-        assert "all_gather" in run.lower(q, k, v, attend).as_text()  # the keys, gathered in the shard_map
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5), got, want)
