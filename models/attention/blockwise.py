@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.mask import AttentionMask, grouped_sinks, soft_cap, visible
+from models.attention.mask import AttentionMask, grouped_sinks, sink_gradient, soft_cap, visible
 from models.attention.xla import MASKED
 
 BLOCK_Q = 256  # CPU: 256-tiles beat 128 and 512 from 2K keys on (bench/long_context.py)
@@ -127,11 +127,11 @@ def _flash_bwd(tiling: _Tiling, residuals, cotangents):
     q, k, v = residuals[:3]
     dq, dk, dv = _gradients(tiling, residuals, cotangents)
     d_sinks = None
-    if sinks is not None:  # d lse / d sink = p_sink = exp(sink - lse); the sink's value is zero
+    if sinks is not None:
         out, lse = residuals[-2:]
         d_out, d_lse = cotangents
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [nq, B, K, G, bq]
-        d_sinks = -jnp.sum(jnp.exp(sinks[:, :, None] - lse) * delta, axis=(0, 1, 4))
+        d_sinks = sink_gradient(sinks, lse, delta)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, d_sinks
 
 

@@ -123,6 +123,14 @@ def grouped_sinks(sinks: jax.Array, kv_heads: int) -> jax.Array:
     return sinks.astype(jnp.float32).reshape(kv_heads, -1)
 
 
+def sink_gradient(sinks: jax.Array, lse: jax.Array, delta: jax.Array) -> jax.Array:
+    """The gradient of grouped sinks [K, G] from a flash backward pass: lse and delta = rowsum(dO * O)
+    (less any lse cotangent) shaped [..., K, G, T]. A sink is a key of value zero, so d lse / d sink =
+    exp(sink - lse) and its gradient is -sum over queries of exp(sink - lse) * delta."""
+    terms = jnp.exp(sinks[:, :, None] - lse) * delta
+    return -jnp.sum(terms, axis=(*range(terms.ndim - 3), terms.ndim - 1))
+
+
 def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
     """Softmax over the last axis of float32 scores, with `sinks` (broadcastable to scores[..., :1])
     as one more logit whose probability is dropped (None: the plain softmax)."""

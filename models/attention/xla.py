@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.attention.mask import AttentionMask, grouped_sinks, soft_cap, softmax_with_sinks
+from models.attention.mask import AttentionMask, grouped_sinks, sink_gradient, soft_cap, softmax_with_sinks
 
 QUERY_CHUNK = 128
 MASKED = float(jnp.finfo(jnp.float32).min)
@@ -136,9 +136,7 @@ def _chunked_bwd(chunks: _Chunks, residuals, d_out):
         keys = [(0, 0)] * 3 + [(lo, s - hi)]
         d_k_t, d_v_t = d_k_t + jnp.pad(d_k_c, keys), d_v_t + jnp.pad(d_v_c, keys)
     d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)
-    d_sinks = None
-    if sinks is not None:  # d lse / d sink = exp(sink - lse); the sink's value is zero
-        d_sinks = -jnp.sum(jnp.exp(sinks[:, :, None] - lse) * delta, axis=(0, 3))
+    d_sinks = None if sinks is None else sink_gradient(sinks, lse, delta)
     to_keys = lambda x, like: jnp.swapaxes(x, 2, 3).astype(like.dtype)  # noqa: E731  [B, K, H, S] -> [B, K, S, H]
     return d_q.astype(q_t.dtype), to_keys(d_k_t, k_t), to_keys(d_v_t, v_t), None, d_sinks
 
