@@ -37,6 +37,9 @@ profile Where a decode step's time goes: the decode workload (`--profile_samplin
         times are wall times of the thunks (two CPU threads may overlap); the JSON has ms per decode
         step by category and the top ops, and `--profile_out` also writes it as a markdown table.
 
+On a GPU (JAX's platform "gpu"), transformers runs on CUDA too (`--torch_device`), with TF32 matmuls
+like XLA's default float32 dots there.
+
 Times are medians over `--repeats` runs after a warm-up run (which compiles codelm's programs).
 FLOP method: model FLOPs per generated token = 2 x (matmul parameters, LM head included, embedding
 lookup excluded) + 4 x layers x query heads x head_dim x mean attended context (QK^T and PV);
@@ -72,11 +75,16 @@ from models.hf import load_hf_checkpoint, reference
 from models.sampler import Sampler
 
 
+TORCH_DEVICE = torch.device("cpu")  # where transformers runs: set once by main() from --torch_device
+
+
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        if TORCH_DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -94,7 +102,7 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for row, prompt in enumerate(prompts):  # left padding, as transformers recommends for generation
         ids[row, longest - len(prompt):] = torch.tensor(prompt)
         mask[row, longest - len(prompt):] = 1
-    return ids, mask
+    return ids.to(TORCH_DEVICE), mask.to(TORCH_DEVICE)
 
 
 def flops_per_token(cfg: Any, context: float) -> float:
@@ -165,7 +173,7 @@ def decode_workload(args: argparse.Namespace, shape: dict[str, int], directory: 
     hf_model.save_pretrained(directory)
     prompts = make_prompts(args.batch, args.prompt_len, args.vocab)
     ours = decode_codelm(directory, prompts, args.new_tokens, args.repeats)
-    theirs = decode_transformers(hf_model, prompts, args.new_tokens, args.repeats)
+    theirs = decode_transformers(hf_model.to(TORCH_DEVICE), prompts, args.new_tokens, args.repeats)
     agree = np.mean([a == b for a, b in zip(ours.pop("tokens"), theirs.pop("tokens"))])
     theirs["decode_gflops_per_s"] = theirs["decode_tokens_per_s"] * ours["flops_per_token"] / 1e9
     return {
@@ -190,6 +198,7 @@ def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str)
     with torch.no_grad():  # a broad next-token distribution: logit std ~1
         hf_model.get_output_embeddings().weight.mul_(1.0 / (0.3 * args.d_model**0.5))
     hf_model.save_pretrained(directory)
+    hf_model.to(TORCH_DEVICE)
     prompts = make_prompts(args.rl_prompts, args.prompt_len, args.vocab, seed=1)
     eos = list(range(1, args.vocab, args.rl_eos_every))
     n, new_tokens = args.rl_samples, args.rl_new_tokens
@@ -462,7 +471,14 @@ def main() -> None:
     parser.add_argument("--profile_sampling", default="greedy", choices=("greedy", "temperature"))
     parser.add_argument("--profile_top", type=int, default=25)
     parser.add_argument("--profile_out", default="", help="folder for profile_<sampling>.json and .md")
+    parser.add_argument("--torch_device", default="auto", help="transformers' device; auto: cuda when JAX runs on a GPU")
     args = parser.parse_args()
+    global TORCH_DEVICE
+    if args.torch_device == "auto":
+        args.torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    TORCH_DEVICE = torch.device(args.torch_device)
+    if TORCH_DEVICE.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision for float32 dots on GPU
 
     shape = dict(hidden_size=args.d_model, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                  num_key_value_heads=args.n_kv_heads, intermediate_size=args.d_ff, vocab_size=args.vocab,
@@ -474,6 +490,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "torch_device": str(TORCH_DEVICE),
         "load_average_at_start": os.getloadavg()[0],  # other processes on the machine slow both sides
         "model": {"family": args.family, **shape, "dtype": "float32"},
     }

@@ -9,10 +9,13 @@ Prints one JSON object with two lists:
               with the first preset's heads: XLA's planned scratch memory per kernel and T, and the
               median time where T <= --run_max_seq;
   train_step  the jitted train step (AdamW, batch 1 x T) per preset, kernel and loss (whole logits or
-              --loss_chunk tokens at a time): argument, output and scratch bytes from the compiled
+              pieces of each --loss_chunks size): argument, output and scratch bytes from the compiled
               program's memory analysis (no run needed, so 32K rows are measured without allocating),
-              and the median step time where T <= --run_max_seq.
+              and the median step time where T <= --run_max_seq, with tokens/s and MFU.
 "peak_bytes" is arguments + outputs + scratch - aliased (donated) bytes: what the program holds at once.
+MFU = flops_per_token(T) * tokens/s / peak FLOP/s of the device (datasheet, train/metrics.py; null on CPU),
+flops_per_token = 6 * N_matmul + 12 * layers * heads * head_dim * T (`ModelConfig.flops_per_token`, PaLM
+appendix B: the whole T x T score matrix, though causal packed rows need under half of it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from configs import base
 from models.attention import ATTENTION_KERNELS, AttentionMask
 from models.config import ModelConfig, get_preset
 from models.decoder import Decoder
+from train.metrics import peak_flops_per_device
 from train.optimizer import make_optimizer
 from train.state import TrainState, split_model
 from train.step import make_train_step, next_token_loss
@@ -115,6 +119,8 @@ def train_step_figures(cfg: ModelConfig, seq: int, run: bool, repeats: int) -> d
 
         figures["step_s"] = round(median_seconds(one_step, repeats), 4)
         figures["tokens_per_s"] = round(seq / figures["step_s"], 1)
+        peak = peak_flops_per_device()
+        figures["mfu"] = round(cfg.flops_per_token(seq) * seq / figures["step_s"] / peak, 4) if peak else None
     return figures
 
 
@@ -134,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.progress:
             print(json.dumps(row), flush=True)
     for preset, seq, kernel, chunk in ((p, s, k, c) for p in presets for s in seqs for k in kernels
-                                       for c in sorted({0, args.loss_chunk}) if "train_step" in sections):
+                                       for c in map(int, args.loss_chunks.split(",")) if "train_step" in sections):
         cfg = get_preset(preset, dtype=args.dtype, attention_impl=kernel, cross_entropy_chunk=chunk,
                          max_seq_len=max(seq, get_preset(preset).max_seq_len))
         run_it = seq <= args.run_max_seq and preset in args.run_presets.split(",")
@@ -151,7 +157,7 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,llama-100m")
     parser.add_argument("--seqs", default="2048,8192,32768")
     parser.add_argument("--kernels", default="chunked,blockwise")
-    parser.add_argument("--loss_chunk", type=int, default=512, help="tokens per loss piece for the chunked loss rows")
+    parser.add_argument("--loss_chunks", default="0,512", help="tokens per loss piece, one train-step row each (0: whole logits)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--run_max_seq", type=int, default=2048, help="also time rows of at most this many tokens")
     parser.add_argument("--run_presets", default="tiny", help="presets whose train steps are timed")
