@@ -74,7 +74,6 @@ from models import sampler as sampler_module
 from models.hf import load_hf_checkpoint, reference
 from models.sampler import Sampler
 
-
 TORCH_DEVICE = torch.device("cpu")  # where transformers runs: set once by main() from --torch_device
 
 
