@@ -395,13 +395,38 @@ class Decoder(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
         cfg = self.cfg
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        weight = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
+        logits = head_logits(x, weight.astype(x.dtype))
         if cfg.logit_softcap:
             logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         return constrain(logits, ("batch", "activation_length", "activation_vocab"))
+
+
+@jax.custom_vjp
+def head_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [D, V] -> float32 logits [B, T, V], with its own backward pass.
+
+    Autodiff's transposed product computes the weight gradient as a dot of the logits' gradient with x,
+    and XLA:CPU then copies that [B*T, V] gradient, the largest array of a train step, into transposed
+    layout. Contracting x and the gradient over their tokens directly needs no copy: the LM head and
+    loss take 30% less CPU time on bench.train_step_vs_torch's reference shape (vocabulary 8192).
+    """
+    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return head_logits(x, w), (x, w)
+
+
+def _head_logits_bwd(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    dx = jnp.einsum("btv,dv->btd", grad, w, preferred_element_type=jnp.float32)
+    tokens_x, tokens_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # [B*T, D], [B*T, V]
+    dw = jnp.einsum("kd,kv->dv", tokens_x, tokens_grad, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def count_params(model: nnx.Module) -> int:

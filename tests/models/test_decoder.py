@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from models.config import get_preset
-from models.decoder import Decoder
+from models.decoder import Decoder, head_logits
 
 
 def tiny(**overrides):
@@ -83,3 +83,23 @@ def test_remat_policies_do_not_change_gradients():
 def test_logit_softcap_bounds_logits():
     model = Decoder(tiny(logit_softcap=0.05), rngs=nnx.Rngs(5))
     assert float(jnp.abs(model(jnp.arange(8)[None]).logits).max()) <= 0.05 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_logits_gradients_equal_autodiff(dtype):
+    """The LM head's own backward pass gives autodiff's gradients of the plain product, in the inputs' dtypes."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
+    w = jnp.asarray(rng.normal(size=(8, 11)), dtype)
+    weights = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jax.nn.log_softmax(fn(x, w)) * weights)
+
+    plain = lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    got, want = (jax.grad(loss(fn), argnums=(0, 1))(x, w) for fn in (head_logits, plain))
+    np.testing.assert_allclose(head_logits(x, w), plain(x, w), rtol=1e-6)
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=1e-5 if dtype == jnp.float32 else 1e-2,
+                                   atol=1e-5 if dtype == jnp.float32 else 1e-2)
