@@ -353,7 +353,7 @@ def profile_category(info: dict[str, Any]) -> str:
     """A decode-loop instruction's category from its ops and Python call stack."""
     ops = set(info["ops"]) or {info["opcode"]}
     where = " ".join(info["stack"])
-    if "Decoder.logits" in where:
+    if "Decoder.logits" in where or "head_logits" in where:
         return "LM head"
     if any(f in where for f in ("sample_tokens", "first_argmax", "inverse_cdf_sample")):
         return "sampling"

@@ -141,6 +141,10 @@ class Trainer:
         self._hooks: list[_Scheduled] = []
         self._stop_requested = False
         self.preempted = False
+        self.checkpointer = Checkpointer(self.output_dir / CHECKPOINTS, run.checkpoint)
+        self._resume_step = self.checkpointer.latest_step() if run.checkpoint.resume else None
+        if self._resume_step is not None:
+            self._check_resumable()  # before anything is built: a refused resume costs no init or compile
 
         make_model = task.init_model or (lambda: Decoder(task.model_config, rngs=nnx.Rngs(run.train.seed)))
         schedule: list[Any] = []
@@ -156,7 +160,6 @@ class Trainer:
         self.schedule = schedule[0]
         self.n_trainable = sum(x.size for x in jax.tree.leaves(self._initial_state.params))
         self.n_frozen = sum(x.size for x in jax.tree.leaves(nnx.state(self._initial_state.rest, nnx.Param)))
-        self.checkpointer = Checkpointer(self.output_dir / CHECKPOINTS, run.checkpoint)
 
         batch_spec = logical_to_mesh_spec(("batch", "activation_length"), self.rules, self.mesh)
         self.batch_sharding = NamedSharding(self.mesh, P(None, *batch_spec))  # [micro_batches, batch, seq]
@@ -203,14 +206,12 @@ class Trainer:
 
     def initial_state(self) -> TrainState:
         """A fresh state, or the latest checkpoint's when resuming (see the module docstring)."""
-        latest = self.checkpointer.latest_step() if self.config.checkpoint.resume else None
-        if latest is None:
+        if self._resume_step is None:
             state = self._initial_state
         else:
-            self._check_resumable()
             target = abstract_with_shardings(self._initial_state, self.state_shardings)
-            state = self.checkpointer.restore(latest, target, self.task.train_data)
-            print_progress(f"resumed from {self.checkpointer.directory}/{latest} (step {int(state.step)})")
+            state = self.checkpointer.restore(self._resume_step, target, self.task.train_data)
+            print_progress(f"resumed from {self.checkpointer.directory}/{self._resume_step} (step {int(state.step)})")
         self._initial_state = None  # donated to the first step; do not keep a second copy alive
         write_run_metadata(self.output_dir, self.task.model_config, self.config.to_dict(), self.config.data.tokenizer_path)
         return state

@@ -16,6 +16,7 @@ from models.decoder import Decoder
 from models.sharding import abstract_with_shardings
 from tests.train.conftest import small_run
 from tests.train.test_trainer import MESH_STEPS, STEPS, make_task, one_device, train
+from train import trainer as trainer_module
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.pretrain import pretrain
@@ -64,6 +65,17 @@ def test_changed_model_is_refused_and_leaves_the_run_as_it_was(trained, tokenize
         train(changed, make_task(changed, tokenizer), mesh=one_device())
     assert snapshot(directory) == before
     assert open(f"{directory}/run_config.json").read() == run_config  # the run still loads
+
+
+def test_a_refused_resume_builds_nothing_first(trained, tokenizer, monkeypatch):
+    """The checkpoint's config is checked before the model and optimizer state are built (and compiled)."""
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the train state was built before the resume was refused")
+
+    monkeypatch.setattr(trainer_module, "init_train_state", must_not_build)
+    changed = dataclasses.replace(trained, model=trained.model.replace(d_model=128))
+    with pytest.raises(ConfigError, match="model.d_model"):
+        train(changed, make_task(changed, tokenizer), mesh=one_device())
 
 
 def test_shape_mismatch_names_the_parameter(corpus_dir, tmp_path):
