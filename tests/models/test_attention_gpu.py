@@ -67,8 +67,8 @@ def check_kernel(kernel, inputs, reference_inputs, mask, custom_call, valid=None
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-    lowered = output_and_grads(kernel).lower(*inputs).as_text()
-    assert custom_call in lowered.lower(), f"no {custom_call} custom call: the kernel fell back"
+    program = output_and_grads(kernel).lower(*inputs).as_text().lower()
+    assert custom_call in program, f"no {custom_call} custom call in the lowered program: the kernel fell back"
     got_grads, got = output_and_grads(kernel)(*inputs)
     want_grads, want = output_and_grads(reference_attention)(*reference_inputs)
     if valid is not None:
