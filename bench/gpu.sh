@@ -38,7 +38,7 @@ run long_context.out 170 "$py" -m bench.long_context --presets=llama-100m --seqs
   --kernels=tokamax,blockwise --dtype=bfloat16 --loss_chunks=4096 --run_max_seq=32768 --run_presets=llama-100m \
   --progress
 for kernel in tokamax xla; do
-  run train_step.out 60 "$py" -m bench.train_step --preset=llama-400m --dtype=bfloat16 --batch=8 --seq=4096 \
-    --steps=5 --warmup=2 --attention=$kernel
+  run train_step.out 75 "$py" -m bench.train_step --preset=llama-400m --dtype=bfloat16 --batch=8 --seq=4096 \
+    --steps=5 --warmup=1 --attention=$kernel
 done
 run generate.json 110 "$py" -m bench.generate --workloads=decode,rl
