@@ -355,7 +355,7 @@ def profile_category(info: dict[str, Any]) -> str:
     where = " ".join(info["stack"])
     if "Decoder.logits" in where or "head_logits" in where:
         return "LM head"
-    if any(f in where for f in ("sample_tokens", "first_argmax", "inverse_cdf_sample")):
+    if any(f in where for f in ("sample_tokens", "max_and_first_argmax", "inverse_cdf_sample")):
         return "sampling"
     if any(f in where for f in ("_layer_windows", "_write_windows")):
         return "cache windows (cut / written back per loop)"

@@ -195,11 +195,6 @@ def window_bucket(n: int, minimum: int, limit: int) -> int:
 # ---- sampling one token per row ------------------------------------------------------------------------
 
 
-def first_argmax(x: jax.Array) -> jax.Array:
-    """x [R, V] -> [R] int32: the first index of each row's maximum, as `jnp.argmax`."""
-    return max_and_first_argmax(x)[1]
-
-
 def max_and_first_argmax(x: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """x [R, V] -> (each row's maximum [R], the first index holding it [R] int32, as `jnp.argmax`).
 

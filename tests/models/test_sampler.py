@@ -20,7 +20,6 @@ from models.layers import slot_attention
 from models.sampler import (
     Sampler,
     bucket,
-    first_argmax,
     inverse_cdf_sample,
     max_and_first_argmax,
     unrolled,
@@ -302,7 +301,7 @@ def test_evals_generator_samples_groups_from_one_call(tmp_path):
 
 
 @pytest.mark.parametrize("block", [128, 7])  # 300 entries: ragged (padded) last block
-def test_first_argmax_is_argmax_with_ties(block):
+def test_max_and_first_argmax_is_argmax_with_ties(block):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many ties, in and across blocks: the first index wins
     x[5, :] = -np.inf
@@ -310,7 +309,6 @@ def test_first_argmax_is_argmax_with_ties(block):
     top, index = map(np.asarray, max_and_first_argmax(jnp.asarray(x), block))
     rows = np.arange(64) != 3
     assert (index[rows] == np.argmax(x, axis=-1)[rows]).all() and (top[rows] == x[rows].max(axis=-1)).all()
-    assert (np.asarray(first_argmax(jnp.asarray(x)))[rows] == index[rows]).all()
     assert 0 <= int(index[3]) < 300
 
 
