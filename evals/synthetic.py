@@ -28,7 +28,8 @@ Guarantees, for every instance:
 writes (`write_embedded_sft_problems`, rewriting only what changed):
 
     synthetic_train.jsonl               SFT {"prompt", "completion"} records of the train problems
-    synthetic_sft.jsonl                 ... of as many "sft" problems (the SFT default's: no "rl" constants)
+    synthetic_sft.jsonl                 ... of as many "sft" problems (no "rl" constants)
+    synthetic_sft_imperfect.jsonl       ... the same, as an imperfect teacher writes them (the SFT default's)
     synthetic_validation.jsonl          ... of the held-out problems (for a held-out loss only)
     synthetic_train_problems.jsonl      HumanEval records (`evals.problems.load_problems` reads them)
     synthetic_heldout_problems.jsonl    ... of the held-out problems, for pass@k
@@ -48,6 +49,7 @@ import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from evals import mutations
 from evals.problems import HUMANEVAL_STOP, Problem
 
 SPLITS = ("train", "heldout", "sft", "rl")  # train = sft + rl
@@ -60,6 +62,8 @@ MIN_CASES = 4  # tests per problem, at least
 MAX_CASES = 12  # ... and at most; an instance whose tests cannot reach the guarantees by then is redrawn
 MAX_DRAWS = 200  # attempts at a new instance of one template before it counts as exhausted for the split
 TASK_PREFIX = "synthetic"
+# Of an imperfect teacher's completions, the share drawn for one plausible bug (`imperfect_completions`).
+TEACHER_ERROR_PERCENT = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -645,6 +649,29 @@ def problem_prompt_completions(problems: Sequence[Problem]) -> list[dict[str, st
     return [{"prompt": p.prompt, "completion": _reference(p)} for p in problems]
 
 
+def imperfect_completions(problems: Sequence[Problem],
+                          error_percent: float = TEACHER_ERROR_PERCENT) -> list[dict[str, str]]:
+    """`problem_prompt_completions` as an imperfect teacher writes them: each problem is drawn, with
+    probability `error_percent` / 100 and a generator seeded by its task id, for one plausible bug
+    (`evals.mutations`: `>` for `>=`, `+` for `-`, `max` for `min`, ...); bodies without such a site
+    stay correct, so about 23% of the embedded "sft" completions are wrong at 30.
+
+    Why the SFT default learns from these: RL with execution rewards raises pass@1 by moving probability
+    onto programs the model already samples, not by teaching what it never produces (Yue et al. 2025,
+    "Does Reinforcement Learning Really Incentivize Reasoning Capacity in LLMs Beyond the Base Model?").
+    A model fine-tuned on a correct teacher alone leaves RL nothing of that kind on these problems: its
+    failures are constants it does not copy (results/rl_generalization/README.md). One that learned some
+    of its teacher's bugs samples them at a rate the tests can punish on every template, seen or not."""
+    records = []
+    for problem in problems:
+        body = _reference(problem)
+        rng = random.Random(hashlib.sha256(problem.task_id.encode()).digest())
+        if rng.random() * 100 < error_percent:
+            body = mutations.mutate(body, rng) or body
+        records.append({"prompt": problem.prompt, "completion": body})
+    return records
+
+
 def problem_conversations(problems: Sequence[Problem]) -> list[dict[str, list[dict[str, str]]]]:
     """SFT records {"messages": [user: the prompt, assistant: the reference body]}: the form for a chat
     model trained through its chat template. (Evaluation through `evals` still feeds the bare prompt.)"""
@@ -670,13 +697,15 @@ def heldout_problems(n: int = DEFAULT_HELDOUT, seed: int = 0) -> list[Problem]:
 
 def write_embedded_sft_problems(out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR, *, n_train: int = DEFAULT_TRAIN,
                                 n_heldout: int = DEFAULT_HELDOUT, seed: int = 0) -> dict[str, str]:
-    """Writes the five files listed in the module docstring under `out_dir`; returns name -> path."""
+    """Writes the six files listed in the module docstring under `out_dir`; returns name -> path."""
     train = synthetic_problems("train", n_train, seed)
     heldout = synthetic_problems("heldout", n_heldout, seed)
     paths = {name: os.path.join(os.fspath(out_dir), f"synthetic_{name}.jsonl")
-             for name in ("train", "sft", "validation", "train_problems", "heldout_problems")}
+             for name in ("train", "sft", "sft_imperfect", "validation", "train_problems", "heldout_problems")}
+    sft = synthetic_problems("sft", n_train, seed)
     write_sft_jsonl(problem_prompt_completions(train), paths["train"])
-    write_sft_jsonl(problem_prompt_completions(synthetic_problems("sft", n_train, seed)), paths["sft"])
+    write_sft_jsonl(problem_prompt_completions(sft), paths["sft"])
+    write_sft_jsonl(imperfect_completions(sft), paths["sft_imperfect"])
     write_sft_jsonl(problem_prompt_completions(heldout), paths["validation"])
     write_problems_jsonl(train, paths["train_problems"])
     write_problems_jsonl(heldout, paths["heldout_problems"])

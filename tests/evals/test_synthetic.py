@@ -9,11 +9,12 @@ import os
 
 import pytest
 
-from evals import synthetic
+from evals import mutations, synthetic
 from evals.generation import truncate_at_stop
 from evals.problems import load_problems
 from evals.synthetic import (
     TEMPLATES,
+    imperfect_completions,
     in_split,
     problem_conversations,
     problem_prompt_completions,
@@ -125,12 +126,38 @@ def test_sft_records(tmp_path, heldout):
     assert [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()] == pairs
 
 
+def test_the_imperfect_teacher_edits_a_fixed_share_once(train):
+    problems = train[:1000]
+    clean = problem_prompt_completions(problems)
+    assert imperfect_completions(problems, error_percent=0) == clean
+    records = imperfect_completions(problems)
+    assert records == imperfect_completions(problems)  # a function of the task ids
+    assert [r["prompt"] for r in records] == [r["prompt"] for r in clean]
+    edited = [(p, r["completion"]) for p, r in zip(problems, records) if r["completion"] != p.reference]
+    # 30% are drawn; those of the templates without a plausible edit stay correct.
+    assert 0.18 < len(edited) / len(problems) < 0.30
+    assert all(body in {mutations.apply(p.reference, site) for site in mutations.sites(p.reference)}
+               for p, body in edited)
+    always = imperfect_completions(problems, error_percent=100)
+    assert all((r["completion"] != p.reference) == bool(mutations.sites(p.reference)) for p, r in zip(problems, always))
+
+
+def test_the_imperfect_teachers_edits_fail_their_tests(score, train):
+    problems = train[:300]
+    records = imperfect_completions(problems, error_percent=100)
+    edited = [p for p, r in zip(problems, records) if r["completion"] != p.reference]
+    report = score(edited, {p.task_id: [r["completion"]] for p, r in zip(problems, records)}, ks=(1,))
+    # Not all: a test set may not tell `x > 3` from `x >= 3` when no input is 3 (20 of 2,000 sft problems).
+    assert report.pass_at_k()["pass@1"] < 0.1
+
+
 def test_embedded_files(tmp_path, train, heldout):
     assert synthetic.heldout_problems() == heldout
     paths = synthetic.write_embedded_sft_problems(tmp_path)
     read = lambda name: [json.loads(line) for line in open(paths[name], encoding="utf-8")]
     assert read("train") == problem_prompt_completions(train)
     assert read("sft") == problem_prompt_completions(synthetic_problems("sft", len(train)))
+    assert read("sft_imperfect") == imperfect_completions(synthetic_problems("sft", len(train)))
     assert read("validation") == problem_prompt_completions(heldout)
     assert load_problems(paths["train_problems"]) == train and load_problems(paths["heldout_problems"]) == heldout
     stamps = {name: (os.stat(path).st_ino, os.stat(path).st_mtime_ns) for name, path in paths.items()}
