@@ -380,12 +380,17 @@ def summarize(run: RLConfig, steps: int, out: Path, pass_at_k: PassAtK | None, w
                                         "problems": len(pass_at_k.per_problem[first]),
                                         "samples_per_problem": pass_at_k.num_samples}
     if rollouts:
+        heldout = {step: result["pass@1"] for step, result in pass_at_k.history.items()} if pass_at_k else {}
         summary["reward_curve"] = str(plot_reward_curve(rollouts, out / "reward_curve.png",
-                                                        title=f"RL ({run.rl.estimator}) of {run.model.name}"))
+                                                        title=f"RL ({run.rl.estimator}) of {run.model.name}",
+                                                        heldout_pass_at_1=heldout))
     return summary
 
 
-def plot_reward_curve(rollouts: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot_reward_curve(rollouts: list[dict[str, Any]], path: Path, title: str,
+                      heldout_pass_at_1: dict[int, float] | None = None) -> Path:
+    """The rollout batches' reward, pass rate and zero-variance groups per step, and held-out pass@1 at the
+    steps it was evaluated (a batch's reward follows which problems it drew; the held-out set is fixed)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -396,6 +401,10 @@ def plot_reward_curve(rollouts: list[dict[str, Any]], path: Path, title: str) ->
     ax.plot(steps, [r["reward_mean"] for r in rollouts], "o-", label="reward mean")
     ax.plot(steps, [r["pass_rate"] for r in rollouts], "s--", label="pass rate (all tests)")
     ax.plot(steps, [r["zero_variance_groups"] for r in rollouts], ":", label="zero-variance groups")
+    if heldout_pass_at_1:
+        evaluated = sorted(heldout_pass_at_1)
+        ax.plot(evaluated, [heldout_pass_at_1[step] for step in evaluated], "D-", color="black", linewidth=2,
+                label="held-out pass@1")
     ax.set_xlabel("step (policy updates)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title)

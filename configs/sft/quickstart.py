@@ -4,11 +4,14 @@
 
 Data (built on first use, no download): 2,000 problems of `evals/synthetic.py`'s "sft" split as
 prompt/completion pairs (a signature and docstring with an example call -> the body), loss on the
-completion. The "sft" split leaves out the constants kept for RL (the "rl" split, `make rl`). Held-out
-loss and greedy pass@1 on the 100 held-out problems (constants never seen in training) through a private
-execution service, before training and every train.eval_every steps. Six epochs: pass@1 rises late, as
-the cosine schedule decays (0.12 after three epochs, 0.49 after four, 0.61 after six; 0.68 when the
-2,000 problems come from the whole train split; results/rl_generalization/README.md).
+completion, as an imperfect teacher writes them: 22% of the bodies carry one plausible bug (`>` for `>=`,
+`max` for `min`, ...; `evals.synthetic.imperfect_completions`). The model learns some of those bugs and
+samples them, which is what RL with execution rewards (`make rl`) then trains away; a correct teacher
+left RL nothing to improve on these problems (results/rl_generalization/README.md). The "sft" split leaves
+out the constants kept for RL (the "rl" split). Held-out loss (on correct bodies) and greedy pass@1 on the
+100 held-out problems (constants never seen in training) through a private execution service, before
+training and every train.eval_every steps. Six epochs: pass@1 rises late, as the cosine schedule decays
+(greedy 0.05 after two epochs, 0.45 after four, 0.60 after six; 0.61 from the correct teacher).
 configs/sft/stdlib.py adds the standard library's documented functions.
 """
 
@@ -21,7 +24,7 @@ from configs.sft import stdlib
 def get_config(arg: str = "") -> ConfigDict:
     cfg = stdlib.get_config(arg)
     cfg.data.sources = ConfigDict({
-        "synthetic": base.source("jsonl", {"train": "artifacts/sft/synthetic_sft.jsonl",
+        "synthetic": base.source("jsonl", {"train": "artifacts/sft/synthetic_sft_imperfect.jsonl",
                                            "validation": "artifacts/sft/synthetic_validation.jsonl"}),
     })
     cfg.optim.lr = 1e-3  # a 5M-parameter model pretrained at 3e-3 (configs/quickstart.py)
