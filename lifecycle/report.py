@@ -190,7 +190,7 @@ def plot_reward(run_dir: Path, path: Path, window: int = 5) -> Path:
         ax.plot(steps, [r["pass_rate"] for r in records], label="pass rate (all tests)")
     ax.set_xlabel("policy update")
     ax.set_ylabel("reward")
-    ax.set_title("RL: reward per rollout batch (train problems)")
+    ax.set_title('RL: reward per rollout batch (the "rl" split)')
     ax.legend()
     return _save(fig, path)
 

@@ -6,8 +6,8 @@
                                                    repository documents (FIM is applied when training)
     pretrain       python -m train.pretrain        the tiny dense preset on the curated shards
     eval-<stage>   python -m evals.humaneval       pass@k of the stage's checkpoint on the held-out problems
-    sft            python -m train.sft             fine-tuning on the generated train problems
-    rl             python -m rl.train              RL with execution rewards on the train problems
+    sft            python -m train.sft             fine-tuning on the generated "sft" problems (an imperfect teacher)
+    rl             python -m rl.train              RL with execution rewards on the generated "rl" problems
     report         python -m lifecycle.report      HTML + Markdown report with PNGs
 """
 

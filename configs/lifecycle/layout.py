@@ -55,10 +55,6 @@ class Layout:
     def heldout_problems(self) -> str:
         return self.path("data", "problems", "synthetic_heldout_problems.jsonl")
 
-    @property
-    def train_problems(self) -> str:
-        return self.path("data", "problems", "synthetic_train_problems.jsonl")
-
     # runs
     @property
     def pretrain(self) -> str:

@@ -2,10 +2,11 @@
 
     python -m train.sft --config=configs/lifecycle/sft.py:runs/lifecycle
 
-The SFT default's recipe (configs/sft/quickstart.py) on the generated train problems only (evals/synthetic.py:
-a docstring with an example call -> the body), prompt and completion packed several per row, loss on the
-completion. Held-out pass@k is the lifecycle's evaluation stage (the same for every checkpoint), so the run
-itself reports held-out loss only.
+The SFT default's recipe and data (configs/sft/quickstart.py) at the lifecycle's size: generated problems of
+the "sft" split as an imperfect teacher writes them (evals/synthetic.py: a docstring with an example call ->
+the body, 22% of the bodies with one plausible bug that the RL stage then trains away), prompt and
+completion packed several per row, loss on the completion. Held-out pass@k is the lifecycle's evaluation
+stage (the same for every checkpoint), so the run itself reports held-out loss only.
 """
 
 from ml_collections import ConfigDict
@@ -20,7 +21,7 @@ def get_config(root: str = "") -> ConfigDict:
     cfg = quickstart.get_config()
     cfg.sft.init_from = layout.pretrain
     cfg.data.sources = ConfigDict({
-        "synthetic": base.source("jsonl", {"train": f"{layout.problems}/synthetic_train.jsonl",
+        "synthetic": base.source("jsonl", {"train": f"{layout.problems}/synthetic_sft_imperfect.jsonl",
                                            "validation": f"{layout.problems}/synthetic_validation.jsonl"}),
     })
     # The problems alone are short (4,000 examples, ~1,370 packed rows): a higher rate and three epochs.

@@ -142,7 +142,8 @@ def test_stage_configs_load_with_the_root_argument(tmp_path):
     assert pretrain.get_config(root).data.sources.stdlib.splits["train"] == f"{root}/data/curated/data-*.array_record"
     assert sft.get_config(root).sft.init_from == f"{root}/pretrain"
     assert rl.get_config(root).rl.init_from == f"{root}/sft"
-    assert rl.get_config(root).rl.problems == f"{root}/data/problems/synthetic_train_problems.jsonl"
+    assert sft.get_config(root).data.sources.synthetic.splits["train"] == f"{root}/data/problems/synthetic_sft_imperfect.jsonl"
+    assert rl.get_config(root).rl.synthetic_split == "rl"
 
 
 def test_repository_of_groups_files_by_top_level_package():
