@@ -46,7 +46,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 @section
 class ProblemsSection:
-    train: PositiveInt = 4000
+    train: PositiveInt = 2000
     heldout: PositiveInt = 100
 
 

@@ -19,7 +19,7 @@ def get_config(arg: str = "") -> ConfigDict:
     cfg.python = ""  # interpreter for the stage commands; "": the one running the lifecycle
 
     cfg.problems = ConfigDict()
-    cfg.problems.train = 4000  # generated train problems (SFT examples, RL prompts); 4404 distinct exist
+    cfg.problems.train = 2000  # SFT examples of the "sft" split (3,303 distinct exist), as make sft's
     cfg.problems.heldout = 100  # held-out problems every checkpoint is evaluated on
 
     cfg.curation = ConfigDict()

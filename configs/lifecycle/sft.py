@@ -2,7 +2,7 @@
 
     python -m train.sft --config=configs/lifecycle/sft.py:runs/lifecycle
 
-The SFT default's recipe and data (configs/sft/quickstart.py) at the lifecycle's size: generated problems of
+The SFT default's recipe and data (configs/sft/quickstart.py): 2,000 generated problems of
 the "sft" split as an imperfect teacher writes them (evals/synthetic.py: a docstring with an example call ->
 the body, 22% of the bodies with one plausible bug that the RL stage then trains away), prompt and
 completion packed several per row, loss on the completion. Held-out pass@k is the lifecycle's evaluation
@@ -24,9 +24,6 @@ def get_config(root: str = "") -> ConfigDict:
         "synthetic": base.source("jsonl", {"train": f"{layout.problems}/synthetic_sft_imperfect.jsonl",
                                            "validation": f"{layout.problems}/synthetic_validation.jsonl"}),
     })
-    # The problems alone are short (4,000 examples, ~1,370 packed rows): a higher rate and three epochs.
-    cfg.optim.lr = 1e-3
-    cfg.sft.epochs = 3.0
     cfg.sft.eval.problems = ""
     cfg.train.eval_every = 100
     cfg.train.eval_batches = 10

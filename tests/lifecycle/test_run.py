@@ -168,3 +168,13 @@ def test_always_stages_run_again(tmp_path):
     for _ in range(2):
         run_stages(stages, LifecycleState.load(tmp_path), ServiceOnDemand("http://unused:1", 1), tmp_path / "logs")
     assert log.read_text() == "a report report "
+
+
+def test_the_default_problem_counts_exist():
+    """The problems stage writes as many "sft" problems as `problems.train` asks: the split must hold them
+    (it has 3,303; a default of 4,000 once failed the stage on a fresh clone)."""
+    from evals.synthetic import synthetic_problems
+
+    config = load_config(_config())
+    assert len(synthetic_problems("sft", config.problems.train)) == config.problems.train
+    assert len(synthetic_problems("heldout", config.problems.heldout)) == config.problems.heldout
