@@ -654,7 +654,8 @@ def imperfect_completions(problems: Sequence[Problem],
     """`problem_prompt_completions` as an imperfect teacher writes them: each problem is drawn, with
     probability `error_percent` / 100 and a generator seeded by its task id, for one plausible bug
     (`evals.mutations`: `>` for `>=`, `+` for `-`, `max` for `min`, ...); bodies without such a site
-    stay correct, so about 23% of the embedded "sft" completions are wrong at 30.
+    stay correct, so at 30 about 23% of the embedded "sft" completions are edited and 22% fail their tests
+    (an edit can be equivalent on a problem's tests).
 
     Why the SFT default learns from these: RL with execution rewards raises pass@1 by moving probability
     onto programs the model already samples, not by teaching what it never produces (Yue et al. 2025,
