@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from configs.lifecycle.layout import Layout  # noqa: E402
+from evals.passk import paired_change  # noqa: E402
 from lifecycle.stages import TRAINED  # noqa: E402
 from train.metrics import format_duration, read_metrics  # noqa: E402
 
@@ -66,17 +67,31 @@ class PassAtK:
     num_problems: int
     samples_per_problem: int
     solved: int
+    per_problem: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # "pass@1" -> task -> value
 
 
 def pass_at_k_of(stage: str, results: dict[str, Any]) -> PassAtK:
     per_problem = results["per_problem"]
     keys = [k for k in results if k.startswith("pass@")]
-    stderr = {}
+    stderr, by_task = {}, {}
     for key in keys:
         values = [p[key] for p in per_problem if key in p]
         stderr[key] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        by_task[key] = {p["task_id"]: p[key] for p in per_problem if key in p and "task_id" in p}
     return PassAtK(stage, {k: results[k] for k in keys}, stderr, results["num_problems"],
-                   results["metadata"].get("samples_per_problem") or 1, results["problems_solved"])
+                   results["metadata"].get("samples_per_problem") or 1, results["problems_solved"], by_task)
+
+
+def _change(a: PassAtK, b: PassAtK, key: str) -> tuple[float, float, str]:
+    """b - a and its standard error: paired over problems when both were evaluated on the same ones (which
+    problems are hard then cancels out), else from the two standard errors."""
+    before, after = a.per_problem.get(key, {}), b.per_problem.get(key, {})
+    if before and before.keys() == after.keys():
+        tasks = sorted(before)
+        diff, se = paired_change([before[t] for t in tasks], [after[t] for t in tasks])
+        return diff, se, "paired s.e."
+    diff = b.values.get(key, 0.0) - a.values.get(key, 0.0)
+    return diff, math.hypot(a.stderr.get(key, 0.0), b.stderr.get(key, 0.0)), "s.e."
 
 
 def trend(results: Sequence[PassAtK], key: str = "pass@1") -> str:
@@ -85,9 +100,8 @@ def trend(results: Sequence[PassAtK], key: str = "pass@1") -> str:
         return ""
     steps = []
     for a, b in zip(results, results[1:]):
-        se = math.hypot(a.stderr.get(key, 0.0), b.stderr.get(key, 0.0))
-        diff = b.values.get(key, 0.0) - a.values.get(key, 0.0)
-        steps.append(f"{a.stage} -> {b.stage} {diff:+.3f}" + (f" ({diff / se:+.1f} s.e.)" if se > 0 else ""))
+        diff, se, kind = _change(a, b, key)
+        steps.append(f"{a.stage} -> {b.stage} {diff:+.3f}" + (f" ({diff / se:+.1f} {kind})" if se > 0 else ""))
     rising = all(b.values.get(key, 0.0) > a.values.get(key, 0.0) for a, b in zip(results, results[1:]))
     return f"{key} {'rises' if rising else 'does not rise'} at every stage: {'; '.join(steps)}."
 

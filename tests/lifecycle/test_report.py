@@ -78,3 +78,22 @@ def test_report_rebuilt_from_the_record_shows_its_numbers(tmp_path):
         assert f"| {stage} | {shown} ± " in markdown
     ks = sorted((k for k in results if k.startswith("pass@")), key=lambda k: int(k[5:]))
     assert [cell.split(" ")[0] for cell in header[1:1 + len(ks)]] == ks
+
+
+def test_the_trend_pairs_problems_evaluated_at_both_checkpoints():
+    from evals.passk import paired_change
+    from lifecycle.report import pass_at_k_of, trend
+
+    def results(scores: list[float], tasks: list[str]) -> dict[str, Any]:
+        return {"pass@1": sum(scores) / len(scores), "num_problems": len(scores), "problems_solved": 0,
+                "metadata": {"samples_per_problem": 10},
+                "per_problem": [{"task_id": t, "pass@1": s} for t, s in zip(tasks, scores)]}
+
+    tasks = ["a", "b", "c", "d"]
+    before, after = [0.0, 0.2, 0.9, 1.0], [0.1, 0.3, 1.0, 1.0]  # every problem rises a little
+    sentence = trend([pass_at_k_of("sft", results(before, tasks)), pass_at_k_of("rl", results(after, tasks))])
+    diff, se = paired_change(before, after)
+    assert sentence == f"pass@1 rises at every stage: sft -> rl {diff:+.3f} ({diff / se:+.1f} paired s.e.)."
+    # Other problems: no pairing, the two standard errors combined (a far smaller ratio here).
+    unpaired = trend([pass_at_k_of("sft", results(before, tasks)), pass_at_k_of("rl", results(after, list("wxyz")))])
+    assert unpaired.endswith(" s.e.).") and "paired" not in unpaired
