@@ -51,23 +51,23 @@ def _next_to_int(node: ast.BinOp) -> bool:
 def sites(body: str) -> list[Site]:
     """The mutation sites of a function body (statements indented as in a `def`), in source order."""
     source = textwrap.dedent(body)
-    indent = len(body) - len(body.lstrip(" "))
-    lines = source.splitlines(keepends=True)
-    starts = [0]
-    for line in lines:
+    lines, original = source.splitlines(keepends=True), body.splitlines(keepends=True)
+    starts = [0]  # where each line of the body starts
+    for line in original:
         starts.append(starts[-1] + len(line))
 
     def offset(lineno: int, col: int) -> int:
-        # ast columns count UTF-8 bytes; the body's offsets count characters and carry the indent.
+        # ast columns count UTF-8 bytes of the dedented line; the body's offsets count characters.
         line = lines[lineno - 1]
-        return starts[lineno - 1] + len(line.encode()[:col].decode()) + indent * lineno
+        removed = len(original[lineno - 1]) - len(line)
+        return starts[lineno - 1] + removed + len(line.encode()[:col].decode())
 
     def between(left: ast.AST, right: ast.AST, replacement: str) -> Site:
         """The operator token(s) between two operands, without the spaces around them."""
         start, end = offset(left.end_lineno, left.end_col_offset), offset(right.lineno, right.col_offset)
         text = body[start:end]
         # Parentheses may close the left operand or open the right one: the operator is what is left.
-        core = text.strip().lstrip(")").rstrip("(").strip()
+        core = text.strip(" ()")
         first = start + text.index(core)
         return Site(first, first + len(core), replacement)
 

@@ -33,6 +33,13 @@ def test_parenthesised_operands_locate_the_operator_between_them():
     assert _all_mutants(body) == ["    return chr((ord(ch) - ord('a') - 23) % 26)\n"]
 
 
+def test_nested_parentheses_and_blank_lines_keep_the_offsets():
+    body = "    y = ((x)) + 3\n\n    return y\n"
+    assert _all_mutants(body) == ["    y = ((x)) - 3\n\n    return y\n"]
+    body = "    if x:\n\n        return x > 2\n    return 0\n"
+    assert _all_mutants(body) == ["    if x:\n\n        return x >= 2\n    return 0\n"]
+
+
 def test_offsets_count_characters_after_non_ascii_text():
     body = "    return text.count('é€') > 3 and x < 2\n"
     assert _all_mutants(body) == ["    return text.count('é€') >= 3 and x < 2\n",
