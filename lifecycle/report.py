@@ -63,23 +63,23 @@ def train_throughput(run_dir: str | Path) -> dict[str, Any]:
 class PassAtK:
     stage: str
     values: dict[str, float]  # "pass@1" -> value
-    stderr: dict[str, float]  # standard error over problems
+    per_problem: dict[str, dict[str, float]]  # "pass@1" -> task id -> the problem's value
     num_problems: int
     samples_per_problem: int
     solved: int
-    per_problem: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # "pass@1" -> task -> value
+
+    @property
+    def stderr(self) -> dict[str, float]:
+        """The standard error of each value over problems."""
+        return {key: statistics.stdev(scores.values()) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+                for key, scores in self.per_problem.items()}
 
 
 def pass_at_k_of(stage: str, results: dict[str, Any]) -> PassAtK:
-    per_problem = results["per_problem"]
     keys = [k for k in results if k.startswith("pass@")]
-    stderr, by_task = {}, {}
-    for key in keys:
-        values = [p[key] for p in per_problem if key in p]
-        stderr[key] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-        by_task[key] = {p["task_id"]: p[key] for p in per_problem if key in p and "task_id" in p}
-    return PassAtK(stage, {k: results[k] for k in keys}, stderr, results["num_problems"],
-                   results["metadata"].get("samples_per_problem") or 1, results["problems_solved"], by_task)
+    per_problem = {key: {p["task_id"]: p[key] for p in results["per_problem"] if key in p} for key in keys}
+    return PassAtK(stage, {k: results[k] for k in keys}, per_problem, results["num_problems"],
+                   results["metadata"].get("samples_per_problem") or 1, results["problems_solved"])
 
 
 def _change(a: PassAtK, b: PassAtK, key: str) -> tuple[float, float, str]:

@@ -14,7 +14,10 @@ import os
 import sys
 import tokenize
 
+from data.jsonl import read_jsonl
 from evals import mutations, synthetic
+from evals.completions import read_completions
+from evals.problems import Problem
 
 
 def _shape(body: str) -> tuple[str, ...]:
@@ -27,24 +30,18 @@ def _shape(body: str) -> tuple[str, ...]:
                  for t in tokens if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT))
 
 
-def kinds(eval_dir: str, heldout: dict[str, str]) -> dict[str, int]:
-    outcomes = {}
-    with open(os.path.join(eval_dir, "samples.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            outcomes[row["task_id"], row["index"]] = row["outcome"]
+def kinds(eval_dir: str, heldout: dict[str, Problem]) -> dict[str, int]:
+    completions = read_completions(os.path.join(eval_dir, "completions.jsonl"), heldout.values(), allow_missing=True)
+    outcomes = {(line.record["task_id"], line.record["index"]): line.record["outcome"]
+                for line in read_jsonl(os.path.join(eval_dir, "samples.jsonl"))}
     counts: collections.Counter[str] = collections.Counter()
-    seen: collections.Counter[str] = collections.Counter()
-    with open(os.path.join(eval_dir, "completions.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            task, body = row["task_id"], row["completion"]
-            index = seen[task]
-            seen[task] += 1
-            reference = heldout[task]
+    for task, bodies in completions.items():
+        reference = heldout[task].reference
+        teacher_bugs = {mutations.apply(reference, site) for site in mutations.sites(reference)}
+        for index, body in enumerate(bodies):
             if outcomes[task, index] == "passed":
                 counts["passed"] += 1
-            elif body in {mutations.apply(reference, site) for site in mutations.sites(reference)}:
+            elif body in teacher_bugs:
                 counts["teacher_bug"] += 1
             elif _shape(body) == _shape(reference):
                 counts["wrong_literal"] += 1
@@ -54,7 +51,7 @@ def kinds(eval_dir: str, heldout: dict[str, str]) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> None:
-    heldout = {p.task_id: p.reference for p in synthetic.heldout_problems()}
+    heldout = {p.task_id: p for p in synthetic.heldout_problems()}
     print(json.dumps({eval_dir: kinds(eval_dir, heldout) for eval_dir in argv}, indent=1))
 
 
