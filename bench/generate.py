@@ -5,6 +5,7 @@ workloads, same machine, one run.
     python -m bench.generate --workloads=decode --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256
     python -m bench.generate --workloads=profile --profile_out=results/sampler_profile   # per-op decode step
     taskset -c 0 python -m bench.generate --workloads=ab --ab_base=HEAD                 # this checkout vs HEAD
+    python -m bench.generate --workloads=floor             # decode beside the bare matmuls / attention of its step
 
 A random model of `--family` is built with transformers, saved as an HF checkpoint and imported into
 codelm (so both run identical float32 weights). Workloads (`--workloads`):
@@ -36,6 +37,10 @@ profile Where a decode step's time goes: the decode workload (`--profile_samplin
         category by its ops and Python call stack (`bench.train_step_profile.parse_hlo`). Per-op
         times are wall times of the thunks (two CPU threads may overlap); the JSON has ms per decode
         step by category and the top ops, and `--profile_out` also writes it as a markdown table.
+floor   The decode workload, then `bench.decode_floor`'s stand-in steps of the same model, batch and cache
+        window: the step's bare matmuls, and those plus one pass of the attention products over the
+        cache, compiled by XLA and run by torch; with ms per decode step of codelm and transformers, and
+        XLA's stand-in over half of transformers' step (a 2x goal needs codelm's whole step below that).
 
 On a GPU (JAX's platform "gpu"), transformers runs on CUDA too (`--torch_device`), with TF32 matmuls
 like XLA's default float32 dots there.
@@ -69,6 +74,7 @@ import jax
 import numpy as np
 import torch
 
+from bench import decode_floor
 from bench.train_step_profile import parse_hlo
 from models import sampler as sampler_module
 from models.hf import load_hf_checkpoint, reference
@@ -186,6 +192,26 @@ def decode_workload(args: argparse.Namespace, shape: dict[str, int], directory: 
             "decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
         },
         "greedy_sequences_identical_fraction": float(agree),
+    }
+
+
+def floor_workload(args: argparse.Namespace, shape: dict[str, int], directory: str) -> dict[str, Any]:
+    """The decode workload beside `bench.decode_floor`'s stand-in steps of the same model and batch: ms
+    per decode step of codelm, of transformers, and of the step's bare matmuls (and attention products)
+    run by XLA and by torch."""
+    decode = decode_workload(args, shape, directory)
+    slots = decode["workload"]["prompt_len_range"][1] + args.new_tokens
+    step = decode_floor.StepShape(batch=args.batch, d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                                  head_dim=args.d_model // args.n_heads, d_ff=args.d_ff, vocab=args.vocab,
+                                  layers=args.n_layers, slots=slots)
+    floor = decode_floor.floor_report(step)
+    ms = {name: 1e3 * args.batch / decode[name]["decode_tokens_per_s"] for name in ("codelm", "transformers")}
+    return {
+        "decode": decode,
+        "floor": floor,
+        "ms_per_decode_step": {**ms, "half_of_transformers": ms["transformers"] / 2},
+        "xla_floor_over_half_of_transformers": {
+            name: floor[f"xla_{name}_ms_per_step"] / (ms["transformers"] / 2) for name in ("matmuls", "matmuls_and_attention")},
     }
 
 
@@ -447,9 +473,13 @@ def profile_markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+WORKLOADS = {"decode": decode_workload, "rl": rl_workload, "ab": ab_workload, "profile": profile_workload,
+             "floor": floor_workload}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", default="decode,rl")
+    parser.add_argument("--workloads", default="decode,rl", help=f"comma-separated, of {sorted(WORKLOADS)}")
     parser.add_argument("--family", default="llama", choices=sorted(reference.FAMILY_OPTIONS))
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--n_layers", type=int, default=4)
@@ -495,7 +525,7 @@ def main() -> None:
     }
     for name in args.workloads.split(","):
         with tempfile.TemporaryDirectory() as directory:
-            report[name] = {"decode": decode_workload, "rl": rl_workload, "ab": ab_workload, "profile": profile_workload}[name](args, shape, directory)
+            report[name] = WORKLOADS[name](args, shape, directory)
     report["load_average_at_end"] = os.getloadavg()[0]
     if "profile" in report and args.profile_out:
         out = Path(args.profile_out)
