@@ -197,6 +197,20 @@ class KVCache(NamedTuple):
         return cls(kv, kv)
 
 
+def write_slots(buffer: jax.Array, layer: jax.Array | int, positions: jax.Array, new: jax.Array) -> jax.Array:
+    """A slot cache buffer [L, B, K, S, X] with new [B, T, K, X] written to layer `layer`, slots
+    positions [B, T] (slots >= S are dropped).
+
+    One scatter per row, batched over rows (vmap): the row axis is then a batching dimension of the
+    scatter, so with rows sharded over devices each device writes its own rows, where a scatter
+    indexed by (row, slot) pairs makes GSPMD all-gather the indices and updates at every step."""
+
+    def write_row(rows: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:  # [L, K, S, X], [T], [T, K, X]
+        return rows.at[layer, :, slots].set(values.astype(rows.dtype), mode="drop")
+
+    return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buffer, positions, new)
+
+
 def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_softcap: float = 0.0,
                    sinks: jax.Array | None = None) -> jax.Array:
     """Attention over cache slots: q [B, T, N, H], k/v [B, K, W, H], mask [B, T, W] -> [B, T, N, H].
@@ -349,9 +363,7 @@ class Attention(nnx.Module):
         q, k, v = self._qkv(x, positions)
         b, t, n, h = q.shape
         kv_heads = k.shape[2]
-        rows = jnp.arange(b)[:, None]
-        write_k = cache.k.at[layer, rows, :, positions].set(k.astype(cache.k.dtype), mode="drop")
-        write_v = cache.v.at[layer, rows, :, positions].set(v.astype(cache.v.dtype), mode="drop")
+        write_k, write_v = write_slots(cache.k, layer, positions, k), write_slots(cache.v, layer, positions, v)
 
         def read(buffer: jax.Array) -> jax.Array:  # layer `layer`, slots [0, window): [B, K, W, H]
             start = (jnp.asarray(layer, jnp.int32), 0, 0, 0, 0)

@@ -32,6 +32,7 @@ from models.layers import (
     normal,
     param,
     rope_frequencies,
+    write_slots,
 )
 from models.lora import with_adapter
 from models.sharding import constrain
@@ -157,9 +158,8 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_rope = self._queries(x, positions)
         latent, k_rope = self._latents(x, positions)
         b = x.shape[0]
-        rows = jnp.arange(b)[:, None]
-        write_c = cache.k.at[layer, rows, :, positions].set(latent[:, :, None].astype(cache.k.dtype), mode="drop")
-        write_r = cache.v.at[layer, rows, :, positions].set(k_rope[:, :, None].astype(cache.v.dtype), mode="drop")
+        write_c = write_slots(cache.k, layer, positions, latent[:, :, None])
+        write_r = write_slots(cache.v, layer, positions, k_rope[:, :, None])
 
         def read(buffer: jax.Array) -> jax.Array:  # layer `layer`, slots [0, window): [B, W, R or P]
             start = (jnp.asarray(layer, jnp.int32), 0, 0, 0, 0)

@@ -449,6 +449,12 @@ def _insert(
         )
 
 
+def _write_at(buffer: jax.Array, at: jax.Array, values: jax.Array) -> jax.Array:
+    """buffer [R, N, ...] with values[r] written at buffer[r, at[r]] (at >= N dropped), a scatter batched
+    over rows like `models.layers.write_slots` (no collective when rows are sharded)."""
+    return jax.vmap(lambda row, i, value: row.at[i].set(value, mode="drop"))(buffer, at, values)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "window", "placement"), donate_argnames=("state",))
 def _decode(
     graphdef: nnx.GraphDef,
@@ -476,7 +482,7 @@ def _decode(
     in place. The parameters ride in the loop carry unchanged: NNX modules must be built from values
     of the trace they run in, and XLA passes loop-invariant carries through without copies.
     """
-    rows, budget = state.tokens.shape
+    budget = state.tokens.shape[1]
     cache, state = state.cache, state._replace(cache={})
     Loop = tuple[nnx.State, DecodeState, dict[str, tuple[KVCache, ...]], jax.Array]
 
@@ -491,13 +497,13 @@ def _decode(
         slot = jnp.where(active, s.position, window)  # finished rows write nothing (slots >= window are dropped)
         hidden, layers = model.decode(s.last_token[:, None], slot[:, None], layers, window)
         token, logp, top_ids, top_logp = sample_tokens(model.logits(hidden)[:, 0], s.keys, s.steps, temperature, top_p, mode)
-        row, at = jnp.arange(rows), jnp.where(active, s.steps, budget)
+        at = jnp.where(active, s.steps, budget)
         steps = s.steps + active
         return params, s._replace(
-            tokens=s.tokens.at[row, at].set(token, mode="drop"),
-            logprobs=s.logprobs.at[row, at].set(logp, mode="drop"),
-            top_ids=s.top_ids.at[row, at].set(top_ids, mode="drop"),
-            top_logprobs=s.top_logprobs.at[row, at].set(top_logp, mode="drop"),
+            tokens=_write_at(s.tokens, at, token),
+            logprobs=_write_at(s.logprobs, at, logp),
+            top_ids=_write_at(s.top_ids, at, top_ids),
+            top_logprobs=_write_at(s.top_logprobs, at, top_logp),
             steps=steps,
             last_token=jnp.where(active, token, s.last_token),
             position=s.position + active,

@@ -5,6 +5,8 @@ independently prefilled ones, a prompt's samples do not depend on the rest of th
 parameters reuse compiled programs, truncation keeps samples inside top-k / nucleus sets, EOS / stop
 strings end sequences, a mesh changes nothing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +177,30 @@ def test_sharded_mesh_gives_the_same_tokens(name, mesh_shape):
     out = Sampler(sharded, mesh=mesh, rules=DEFAULT_RULES).generate(PROMPTS, max_new_tokens=6)
     assert out.tokens == reference.tokens
     np.testing.assert_allclose(out.logprob_sums, reference.logprob_sums, atol=1e-4)
+
+
+def test_data_parallel_decode_communicates_only_the_loop_condition(monkeypatch):
+    """Rows sharded over the data axis: every step writes the cache and the tokens with per-row
+    scatters, so the decode program's one collective is the all-reduce of the loop's done count (a
+    scatter indexed by (row, slot) pairs made GSPMD all-gather its indices and updates at every step)."""
+    mesh = make_mesh({"data": 2}, devices=jax.devices()[:2])
+    model = create_sharded(lambda: Decoder(CONFIGS["dense"], rngs=nnx.Rngs(0)), mesh, DEFAULT_RULES)
+    decode, calls = sampler_module._decode, []
+
+    def recording(*args, **kwargs):
+        def abstract(x):  # mesh-placed arrays keep their sharding; host scalars stay uncommitted
+            sharding = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        calls.append(jax.tree.map(lambda x: abstract(x) if isinstance(x, jax.Array) else x, (args, kwargs)))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_module, "_decode", recording)
+    Sampler(model, mesh=mesh, rules=DEFAULT_RULES).generate(PROMPTS, max_new_tokens=4)
+    args, kwargs = calls[0]
+    hlo = decode.lower(*args, **kwargs).compile().as_text()
+    collectives = re.findall(r"= \S+ (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)(?:-start)?\(", hlo)
+    assert collectives == ["all-reduce"]
 
 
 def compiled_programs():
