@@ -10,11 +10,13 @@ A stand-in step of batch B over L layers (per layer: q/k/v/o projections, gate/u
 `attention` the scores and weighted values of every query head over all S cache slots, in the
 matrix-vector form `models.layers.slot_attention` uses for a decode step), then the LM head. Each step
 feeds the next (x -> tanh(x + logits[:, :D])), so that no step can be hoisted out of the loop. XLA runs
-64 steps in one `fori_loop`; torch runs them from Python, as `transformers` does.
+64 steps in one `fori_loop`, rows split over the local devices as the sampler's (`--cpu_devices`); torch
+runs them from Python, as `transformers` does.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -22,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class StepShape(NamedTuple):
@@ -100,10 +104,21 @@ def torch_step(shape: StepShape, attention: bool, x: torch.Tensor, layers: list[
 
 
 def xla_ms_per_step(shape: StepShape, attention: bool, steps: int = 64, repeats: int = 7) -> float:
-    """Best of `repeats` runs of `steps` stand-in steps in one compiled loop, ms per step."""
-    inputs = jax.tree.map(jnp.asarray, random_inputs(shape))
-    x = inputs.pop("x")
-    run = jax.jit(lambda x, args: jax.lax.fori_loop(0, steps, lambda _, x: jax_step(shape, attention, x, **args), x))
+    """Best of `repeats` runs of `steps` stand-in steps in one compiled loop, ms per step. With several
+    local devices, rows (x and the caches) are split over them and the weights replicated, as the
+    sampler runs a data-parallel batch (on as many devices as divide the batch)."""
+    devices = math.gcd(shape.batch, jax.device_count())
+    local = shape._replace(batch=shape.batch // devices)
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("rows",))
+    specs = {"layers": P(), "head": P(), "cache": P("rows")}
+    inputs = random_inputs(shape)
+    x = jax.device_put(inputs.pop("x"), NamedSharding(mesh, P("rows")))
+    inputs = {name: jax.device_put(value, NamedSharding(mesh, specs[name])) for name, value in inputs.items()}
+
+    def loop(x: jax.Array, args: dict[str, Any]) -> jax.Array:
+        return jax.lax.fori_loop(0, steps, lambda _, x: jax_step(local, attention, x, **args), x)
+
+    run = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=(P("rows"), specs), out_specs=P("rows")))
     jax.block_until_ready(run(x, inputs))
     times = []
     for _ in range(repeats):
@@ -146,7 +161,7 @@ def memory_read_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
 def floor_report(shape: StepShape, repeats: int = 7) -> dict[str, Any]:
     """The stand-in's ms per step by XLA and torch, with and without the attention products, and what a
     step moves and computes."""
-    report: dict[str, Any] = {"shape": shape._asdict()}
+    report: dict[str, Any] = {"shape": shape._asdict(), "xla_devices": math.gcd(shape.batch, jax.device_count())}
     for name, attention in (("matmuls", False), ("matmuls_and_attention", True)):
         report[f"xla_{name}_ms_per_step"] = xla_ms_per_step(shape, attention, repeats=repeats)
         report[f"torch_{name}_ms_per_step"] = torch_ms_per_step(shape, attention, repeats=repeats)

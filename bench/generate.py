@@ -5,7 +5,7 @@ workloads, same machine, one run.
     python -m bench.generate --workloads=decode --family=qwen3_moe --d_model=512 --n_layers=8 --prompt_len=256
     python -m bench.generate --workloads=profile --profile_out=results/sampler_profile   # per-op decode step
     taskset -c 0 python -m bench.generate --workloads=ab --ab_base=HEAD                 # this checkout vs HEAD
-    python -m bench.generate --workloads=floor             # decode beside the bare matmuls / attention of its step
+    python -m bench.generate --workloads=floor --cpu_devices=2   # decode beside the bare matmuls / attention of its step
 
 A random model of `--family` is built with transformers, saved as an HF checkpoint and imported into
 codelm (so both run identical float32 weights). Workloads (`--workloads`):
@@ -45,6 +45,10 @@ floor   The decode workload, then `bench.decode_floor`'s stand-in steps of the s
 On a GPU (JAX's platform "gpu"), transformers runs on CUDA too (`--torch_device`), with TF32 matmuls
 like XLA's default float32 dots there.
 
+`--cpu_devices=N` runs codelm on N CPU devices (`jax_num_cpu_devices`), the rows data-parallel over them
+(weights replicated): XLA:CPU runs one op at a time and splits only large ones over threads, so on a
+2-core machine one device per core is what puts both cores on a decode step's many small ops.
+
 Times are medians over `--repeats` runs after a warm-up run (which compiles codelm's programs).
 FLOP method: model FLOPs per generated token = 2 x (matmul parameters, LM head included, embedding
 lookup excluded) + 4 x layers x query heads x head_dim x mean attended context (QK^T and PV);
@@ -76,9 +80,11 @@ import torch
 
 from bench import decode_floor
 from bench.train_step_profile import parse_hlo
+from configs.sharding_rules import DEFAULT_RULES
 from models import sampler as sampler_module
 from models.hf import load_hf_checkpoint, reference
 from models.sampler import Sampler
+from models.sharding import make_mesh
 
 TORCH_DEVICE = torch.device("cpu")  # where transformers runs: set once by main() from --torch_device
 
@@ -124,14 +130,22 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "max": int(values.max()), "min": int(values.min())}
 
 
+def codelm_sampler(directory: str, max_len: int) -> Sampler:
+    """codelm's sampler of the checkpoint, on every local device: with several (`--cpu_devices`), rows
+    are data-parallel over them and the weights replicated."""
+    if jax.device_count() == 1:
+        return Sampler(load_hf_checkpoint(directory, remat="none"), max_len=max_len)
+    mesh = make_mesh({"data": jax.device_count()})
+    return Sampler(load_hf_checkpoint(directory, remat="none", mesh=mesh), max_len=max_len, mesh=mesh, rules=DEFAULT_RULES)
+
+
 # ---- decode workload ------------------------------------------------------------------------------------
 
 
 def decode_codelm(directory: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
-    model = load_hf_checkpoint(directory, remat="none")
+    sampler = codelm_sampler(directory, max_len=max(map(len, prompts)) + new_tokens)
     load_seconds = time.perf_counter() - start
-    sampler = Sampler(model, max_len=max(map(len, prompts)) + new_tokens)
     start = time.perf_counter()
     sampler.generate(prompts, new_tokens)  # compiles
     warmup_seconds = time.perf_counter() - start
@@ -144,13 +158,13 @@ def decode_codelm(directory: str, prompts: list[list[int]], new_tokens: int, rep
     return {
         "prefill_tokens_per_s": prompt_tokens / prefill,
         "decode_tokens_per_s": generated / decode,
-        "decode_gflops_per_s": generated / decode * flops_per_token(model.cfg, context) / 1e9,
+        "decode_gflops_per_s": generated / decode * flops_per_token(sampler.cfg, context) / 1e9,
         "prefill_seconds": prefill,
         "decode_seconds": decode,
         "load_seconds": load_seconds,
         "first_call_seconds_with_compilation": warmup_seconds,
         "tokens": runs[0].tokens,
-        "flops_per_token": flops_per_token(model.cfg, context),
+        "flops_per_token": flops_per_token(sampler.cfg, context),
     }
 
 
@@ -229,7 +243,7 @@ def rl_workload(args: argparse.Namespace, shape: dict[str, int], directory: str)
     n, new_tokens = args.rl_samples, args.rl_new_tokens
     total = len(prompts) * n
 
-    sampler = Sampler(load_hf_checkpoint(directory, remat="none"), max_len=max(map(len, prompts)) + new_tokens)
+    sampler = codelm_sampler(directory, max_len=max(map(len, prompts)) + new_tokens)
 
     def ours(seed: int) -> Any:
         return sampler.generate(prompts, new_tokens, n=n, temperature=1.0, stop_token_ids=eos, seed=seed)
@@ -500,8 +514,13 @@ def main() -> None:
     parser.add_argument("--profile_sampling", default="greedy", choices=("greedy", "temperature"))
     parser.add_argument("--profile_top", type=int, default=25)
     parser.add_argument("--profile_out", default="", help="folder for profile_<sampling>.json and .md")
+    parser.add_argument("--cpu_devices", type=int, default=1,
+                        help="CPU devices codelm runs on (jax_num_cpu_devices), rows data-parallel over them: XLA:CPU "
+                             "runs one op at a time, and a step's small ops use one core, so one device per core "
+                             "puts both cores on every op")
     parser.add_argument("--torch_device", default="auto", help="transformers' device; auto: cuda when JAX runs on a GPU")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     global TORCH_DEVICE
     if args.torch_device == "auto":
         args.torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
@@ -516,6 +535,7 @@ def main() -> None:
         "benchmark": "generate",
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
+        "codelm_devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
