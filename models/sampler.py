@@ -56,7 +56,7 @@ How it runs (`timing` reports prefill / decode seconds and tokens):
   scatters, so with rows sharded its only collective is the loop condition's all-reduce.
 - On a CPU, XLA runs one op at a time and keeps small ops on one thread; one device per core
   (`jax.config.update("jax_num_cpu_devices", cores)`) with rows data-parallel over a {"data": cores}
-  mesh puts every core on every op (~15% faster decode on 2 cores, `bench.generate --cpu_devices`).
+  mesh puts every core on every op (10-15% faster decode on 2 cores, `bench.generate --cpu_devices`).
 """
 
 from __future__ import annotations
