@@ -10,3 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import gc  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drops each test module's compiled programs once it is done. XLA:CPU maps every executable's
+    code into the process, and a run of the whole suite with its slow tests otherwise passes the
+    kernel's limit of 65,530 memory mappings and crashes inside a compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
