@@ -44,13 +44,16 @@ class StepShape(NamedTuple):
         d, n, k, h, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         return {"q": (d, n * h), "k": (d, k * h), "v": (d, k * h), "o": (n * h, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
 
+    @property
+    def matmul_params(self) -> int:
+        """The layers' projection and MLP weights and the LM head."""
+        return self.layers * sum(a * b for a, b in self.weight_shapes.values()) + self.d_model * self.vocab
+
     def matmul_flops(self) -> float:
-        """2 x batch x (the layers' projection and MLP parameters + the LM head), per step."""
-        per_layer = sum(a * b for a, b in self.weight_shapes.values())
-        return 2.0 * self.batch * (self.layers * per_layer + self.d_model * self.vocab)
+        return 2.0 * self.batch * self.matmul_params
 
     def weight_bytes(self) -> int:
-        return 4 * (self.layers * sum(a * b for a, b in self.weight_shapes.values()) + self.d_model * self.vocab)
+        return 4 * self.matmul_params
 
     def cache_bytes(self) -> int:
         """Keys and values of every layer, float32: what one pass of the attention products reads."""
@@ -84,7 +87,7 @@ def jax_step(shape: StepShape, attention: bool, x: jax.Array, layers: list[dict[
             heads = [jnp.einsum("bks,bksh->bkh", jnp.einsum("bkh,bksh->bks", grouped[:, :, g], keys), values)
                      for g in range(groups)]
             q = jnp.stack(heads, axis=2).reshape(b, -1)
-        x = x + (q + jnp.tile(k + v, shape.n_heads // shape.n_kv_heads)) @ w["o"]
+        x = x + (q + jnp.tile(k + v, groups)) @ w["o"]
         x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
     return jnp.tanh(x + (x @ head)[:, : shape.d_model])
 
@@ -103,6 +106,24 @@ def torch_step(shape: StepShape, attention: bool, x: torch.Tensor, layers: list[
     return torch.tanh(x + (x @ head)[:, : shape.d_model])
 
 
+def torch_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`random_inputs`' arrays as tensors sharing their memory, as `torch_step` takes them (x left out)."""
+    return {"layers": [{n: torch.from_numpy(w) for n, w in layer.items()} for layer in inputs["layers"]],
+            "head": torch.from_numpy(inputs["head"]),
+            "cache": [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in inputs["cache"]]}
+
+
+def best_seconds(run: Any, repeats: int) -> float:
+    """The fastest of `repeats` calls of `run` after one warm-up call (which compiles)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def xla_ms_per_step(shape: StepShape, attention: bool, steps: int = 64, repeats: int = 7) -> float:
     """Best of `repeats` runs of `steps` stand-in steps in one compiled loop, ms per step. With several
     local devices, rows (x and the caches) are split over them and the weights replicated, as the
@@ -119,29 +140,20 @@ def xla_ms_per_step(shape: StepShape, attention: bool, steps: int = 64, repeats:
         return jax.lax.fori_loop(0, steps, lambda _, x: jax_step(local, attention, x, **args), x)
 
     run = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=(P("rows"), specs), out_specs=P("rows")))
-    jax.block_until_ready(run(x, inputs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(x, inputs))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times) / steps
+    return 1e3 * best_seconds(lambda: jax.block_until_ready(run(x, inputs)), repeats) / steps
 
 
 def torch_ms_per_step(shape: StepShape, attention: bool, steps: int = 64, repeats: int = 7) -> float:
     inputs = random_inputs(shape)
-    args = {"layers": [{n: torch.from_numpy(w) for n, w in layer.items()} for layer in inputs["layers"]],
-            "head": torch.from_numpy(inputs["head"]),
-            "cache": [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in inputs["cache"]]}
-    times = []
+    args = torch_inputs(inputs)
+
+    def run() -> None:
+        x = torch.from_numpy(inputs["x"])
+        for _ in range(steps):
+            x = torch_step(shape, attention, x, **args)
+
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first run warms up
-            x = torch.from_numpy(inputs["x"])
-            start = time.perf_counter()
-            for _ in range(steps):
-                x = torch_step(shape, attention, x, **args)
-            times.append(time.perf_counter() - start)
-    return 1e3 * min(times[1:]) / steps
+        return 1e3 * best_seconds(run, repeats) / steps
 
 
 def memory_read_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -149,13 +161,7 @@ def memory_read_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
     and weights stream at when they do not fit the last-level cache."""
     x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - start)
-    return x.nbytes / min(times) / 1e9
+    return x.nbytes / best_seconds(lambda: jax.block_until_ready(total(x)), repeats) / 1e9
 
 
 def floor_report(shape: StepShape, repeats: int = 7) -> dict[str, Any]:

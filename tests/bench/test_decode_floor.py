@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.decode_floor import StepShape, floor_report, jax_step, random_inputs, torch_step
+from bench.decode_floor import StepShape, floor_report, jax_step, random_inputs, torch_inputs, torch_step
 from models.hf import reference
 
 SHAPE = StepShape(batch=4, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, vocab=64, layers=2, slots=12)
@@ -18,9 +18,7 @@ def test_xla_and_torch_stand_ins_compute_the_same_step(attention):
     inputs = random_inputs(SHAPE)
     x = inputs.pop("x")
     ours = jax.jit(lambda x, args: jax_step(SHAPE, attention, x, **args))(jnp.asarray(x), jax.tree.map(jnp.asarray, inputs))
-    theirs = torch_step(SHAPE, attention, torch.from_numpy(x),
-                        [{n: torch.from_numpy(w) for n, w in layer.items()} for layer in inputs["layers"]],
-                        torch.from_numpy(inputs["head"]), [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in inputs["cache"]])
+    theirs = torch_step(SHAPE, attention, torch.from_numpy(x), **torch_inputs(inputs))
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
     if attention:  # the attention products change the step
         without = jax_step(SHAPE, False, jnp.asarray(x), **jax.tree.map(jnp.asarray, inputs))
